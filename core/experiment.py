@@ -8,6 +8,7 @@ the result an uninterrupted run gets.
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,7 +134,7 @@ def target_splits(task: Task, spec: JobSpec) -> list[Split]:
     cap = spec.downstream.max_test_examples
     out = []
     for seed in spec.downstream.seeds:
-        s = get_split(task, seed)
+        s = get_split(task, seed, spec.downstream.shots)
         out.append(dataclasses.replace(s, test=s.test[:cap]) if cap else s)
     return out
 
@@ -153,14 +154,14 @@ def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoint
     emit = progress or (lambda event: None)
     store = checkpoints or NoCheckpoints()
     # Tasks first: a bad task name fails before minutes go into loading a model.
-    targets = {ref.name: load_task(ref) for ref in spec.targets}
+    targets = {ref.name: load_task(ref, spec.downstream.shots) for ref in spec.targets}
     splits = {name: target_splits(task, spec) for name, task in targets.items()}
     sources: dict[str, list[Split]] = {}
     infos = {}
     if spec.upstream:
         for ref in spec.upstream.source_refs:
-            source = load_task(ref)
-            sources[ref.name] = [get_split(source, seed) for seed in spec.upstream.seeds]
+            source = load_task(ref, spec.upstream.shots)
+            sources[ref.name] = [get_split(source, seed, spec.upstream.shots) for seed in spec.upstream.seeds]
             infos[ref.name] = source.info
 
     emit({"phase": "load", "step": 0, "total": 1, "backbone": spec.backbone})
@@ -269,6 +270,9 @@ def _cluster(spec: JobSpec, sources: dict[str, list[Split]], backbone) -> Cluste
 
     c = spec.upstream.clustering
     pooled = list(dict.fromkeys(e for splits in sources.values() for s in splits for e in s.train + s.dev))
+    if c.pool_size and len(pooled) > c.pool_size:  # MetaPT's source-data size ablation
+        keep = sorted(random.Random(spec.prompt.seed).sample(range(len(pooled)), c.pool_size))
+        pooled = [pooled[i] for i in keep]
     if c.pseudo_label:
         classifier = SoftPromptModel(backbone, load_prompt(c.pseudo_label.prompt)[0],
                                      max_input_tokens=spec.max_input_tokens)

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.algorithms.pt import OPTIMIZERS
 from core.algorithms.upstream import ALGORITHMS
@@ -50,7 +50,18 @@ class TaskRef(Strict):
     output_column: str | None = None
 
 
+def _shots(v):
+    if v is None or v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError(f"shots must be a positive number of examples per label or 'all', got {v!r}")
+
+
+# Examples per label (per task if not classification); None: CrossFit's 16 (32 if not cls).
+Shots = Annotated[int | Literal["all"] | None, BeforeValidator(_shots)]
+
+
 class DownstreamSpec(Strict):
+    shots: Shots = None  # target training examples per label; "all": all but a few-shot dev set
     lrs: list[float] = Field(default_factory=lambda: [0.5, 0.4, 0.3, 0.2], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: list(SPLIT_SEEDS), min_length=1)
     batch_size: int = Field(8, ge=1)
@@ -126,6 +137,7 @@ class ClusteringSpec(Strict):
     k: int | None = Field(10, ge=2)  # number of clusters; label grouping takes one per label
     dev_fraction: float = Field(0.5, gt=0, lt=1)  # of each cluster, for the query side
     plot: Literal["pca", "tsne"] = "pca"
+    pool_size: int | None = Field(None, ge=2)  # at most this many pooled source examples (seeded draw)
     pseudo_label: PseudoLabelSpec | None = None
 
 
@@ -135,6 +147,7 @@ class UpstreamSpec(Strict):
     sources: list[TaskRef] | SourceSelection  # tasks, or {select: top_k_similar, k, candidates}
     methods: list[str] = Field(default_factory=lambda: ["maml"], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: list(SPLIT_SEEDS), min_length=1)  # source splits
+    shots: Shots = None  # source examples per label, as downstream.shots
     steps: int = Field(5000, ge=1)  # outer steps
     inner_lr: float = Field(3e-5, gt=0)
     outer_lr: float = Field(0.5, gt=0)

@@ -243,6 +243,60 @@ def test_a_sweep_over_the_source_set_gives_one_arg_table_and_plot(spec_fields, t
     assert (out / "sweep.png").stat().st_size > 0 and (out / "variant1" / "results.md").exists()
 
 
+def pool_task(directory, name, labels, n=40):
+    """A task given as one JSONL file: a pool k-shot splits of any size are drawn from."""
+    path = directory / f"{name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": f"{WORDS[i % len(WORDS)]} {WORDS[(i * 5) % len(WORDS)]} {i}",
+                                        "label": labels[i % 2]}) + "\n" for i in range(n)))
+    return {"name": name, "path": str(path), "type": "classification", "options": list(labels),
+            "input_column": "text", "output_column": "label"}
+
+
+def test_a_sweep_over_target_shots_draws_splits_of_each_size(spec_fields, tmp_path):
+    from core.experiment import target_splits
+    from core.tasks import load_task
+
+    spec_fields["targets"] = [pool_task(tmp_path, "color", LABELS["color"], n=100)]
+    spec_fields["upstream"].update(sources=[pool_task(tmp_path, "sent", LABELS["sent"])], methods=["fomaml"],
+                                   steps=2, shots=3)
+    spec_fields["sweep"] = {"field": "downstream.shots", "values": [2, 4, "all"]}
+    path, out = tmp_path / "sweep.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec_fields))
+    result = runner.invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert [r["spec"]["downstream"]["shots"] for r in sweep["runs"]] == [2, 4, "all"]
+    assert "| downstream.shots | fomaml |" in (out / "sweep.md").read_text()
+
+    spec = parse_spec({k: v for k, v in spec_fields.items() if k != "sweep"})
+    task = load_task(spec.targets[0])
+    sizes = []
+    for shots in (2, 4, "all"):
+        split = target_splits(task, spec.model_copy(update={"downstream": spec.downstream.model_copy(
+            update={"shots": shots})}))[0]
+        sizes.append((len(split.train), len(split.dev)))
+    # 100 examples, 80 after the 20% hold-out; "all" keeps the default 16-per-label dev set
+    assert sizes == [(4, 4), (8, 8), (48, 32)]
+
+
+def test_shots_other_than_the_ready_made_files_fail_before_training(spec_fields, tmp_path):
+    spec_fields["downstream"]["shots"] = 8  # the tiny tasks come as 2-shot files only
+    path, out = tmp_path / "spec.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec_fields))
+    result = runner.invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "task 'color' comes as ready-made 2-shot files, so shots=8 cannot be drawn" in result.output
+    assert not out.exists()
+
+
+def test_metapt_pool_size_caps_the_pooled_source_data(spec_fields):
+    spec_fields["upstream"].update(methods=["metapt"], steps=2,
+                                   clustering={"method": "random", "k": 2, "pool_size": 10})
+    results = run(parse_spec(spec_fields))
+    assert len(results.clusters.examples) == 10 and sum(c["size"] for c in results.clusters.summary) == 10
+
+
 def test_a_bad_sweep_value_fails_before_training(spec_fields, tmp_path):
     spec_fields["sweep"] = {"field": "prompt.length", "values": [2, 0]}
     path = tmp_path / "sweep.yaml"

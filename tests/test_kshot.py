@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from core.tasks.base import SPLIT_SEEDS, Example, Task, TaskError, TaskInfo
-from core.tasks.kshot import KShotWarning, kshot, kshot_all, write_split
+from core.tasks.kshot import KShotWarning, full_split, kshot, kshot_all, write_split
 from core.tasks.readers import read_crossfit_dir
 
 
@@ -200,6 +200,15 @@ def test_generation_takes_32_and_k_can_be_set():
     split = kshot(task, 13, k=8)
     assert (len(split.train), len(split.dev), split.k) == (8, 8, 8)
     assert split.train == kshot(task, 13, k=16).train[:8]  # same shuffle, shorter slice
+
+
+def test_all_shots_trains_on_the_whole_pool_but_the_few_shot_dev_set():
+    task = sentiment_task(sentiment_rows(150))  # no given test: 20% hold-out
+    split, few = full_split(task, 21), kshot(task, 21)
+    assert split.dev == few.dev and split.test == few.test  # dev and test as in the 16-shot split
+    assert len(split.train) == 120 - 48  # the 80% pool minus the dev set
+    train, dev, test = ({ex.input for ex in part} for part in (split.train, split.dev, split.test))
+    assert not train & dev and not train & test and set(ex.input for ex in few.train) <= train
 
 
 def test_kshot_leaves_numpy_global_random_state_alone():

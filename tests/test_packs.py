@@ -87,6 +87,23 @@ def test_rotten_tomatoes_splits_follow_crossfit_rules(tmp_path):
             assert label[strip(pack.template, ex.input)] == ex.output  # plot summaries never get in
 
 
+def test_other_shots_are_drawn_from_the_pack_pool_like_the_built_16_shot_files(tmp_path):
+    from core.spec import TaskRef
+    from core.tasks import get_split, load_task
+
+    name = "rotten_tomatoes_sentiment"
+    ref = TaskRef(name=name)
+    files = built(name, tmp_path)
+    pool = load_task(ref, shots=64)
+    assert not pool.splits and len(pool.examples) == packs.MAX_ROWS
+    for seed, split in files.splits.items():
+        drawn = get_split(pool, seed, 16)
+        assert (drawn.train, drawn.dev, drawn.test) == (split.train, split.dev, split.test)
+    bigger = get_split(pool, 13, 64)
+    assert Counter(ex.output for ex in bigger.train) == {"negative": 64, "positive": 64}
+    assert bigger.test == files.splits[13].test and set(files.splits[13].train) <= set(bigger.train)
+
+
 def test_trec_uses_its_own_test_split_and_plain_label_words(tmp_path):
     rows = list(csv.DictReader(io.StringIO(source("trec_coarse").decode("utf-8"))))
     train, test = rows[:5452], rows[5452:]

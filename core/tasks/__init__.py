@@ -6,7 +6,7 @@ from pathlib import Path
 from core.settings import settings
 from core.tasks.base import SPLIT_SEEDS, Example, Split, Task, TaskError, TaskInfo
 from core.tasks import catalog, packs
-from core.tasks.kshot import kshot
+from core.tasks.kshot import default_k, full_split, kshot
 from core.tasks.readers import read_bigbench, read_crossfit_dir, read_table
 
 __all__ = ["Example", "Split", "Task", "TaskError", "TaskInfo", "load_task", "get_split", "SPLIT_SEEDS"]
@@ -24,9 +24,13 @@ def _info(ref) -> TaskInfo:
     return catalog.check(TaskInfo(ref.name, kind, metric, options))
 
 
-def load_task(ref) -> Task:
+Shots = int | str | None  # examples per label (per task for non-classification), "all", or None: CrossFit's
+
+
+def load_task(ref, shots: Shots = None) -> Task:
     """Resolve a spec's TaskRef: files at `path`, a pack task, or a catalog task found under
-    $PRIMER_CROSSFIT_DIR/<name>/ (CrossFit's data layout)."""
+    $PRIMER_CROSSFIT_DIR/<name>/ (CrossFit's data layout). A pack task comes as its built
+    16-shot files, or as its whole pool when other `shots` are asked for."""
     if ref.path:
         path = Path(ref.path).expanduser()
         if path.is_dir() and (path / "task.json").is_file() or path.name == "task.json":
@@ -40,7 +44,9 @@ def load_task(ref) -> Task:
         raise TaskError(f"task {ref.name!r}: {path} is neither a CrossFit directory, a BIG-bench "
                         "task.json nor a .csv/.tsv/.jsonl file")
     if ref.name in packs.PACKS:
-        return packs.load(ref.name)
+        if shots is None or shots == default_k(packs.PACKS[ref.name].info.type):
+            return packs.load(ref.name)
+        return Task(packs.PACKS[ref.name].info, packs.examples(ref.name), packs.given_test(ref.name))
     crossfit = settings().crossfit_dir
     if crossfit and (crossfit / ref.name).is_dir():
         return read_crossfit_dir(crossfit / ref.name, _info(ref))
@@ -52,10 +58,20 @@ def load_task(ref) -> Task:
     raise AssertionError("unreachable")
 
 
-def get_split(task: Task, seed: int) -> Split:
-    """The ready-made split for `seed` if the task has one, else CrossFit's k-shot draw."""
+def get_split(task: Task, seed: int, shots: Shots = None) -> Split:
+    """The ready-made split for `seed` if the task has one (and it has the shots asked for),
+    else CrossFit's k-shot draw with k = `shots`, or every pool example but a k-shot dev set
+    for "all"."""
+    if task.splits and shots is not None and shots != next(iter(task.splits.values())).k:
+        if not task.examples:
+            raise TaskError(f"task {task.name!r} comes as ready-made "
+                            f"{next(iter(task.splits.values())).k}-shot files, so shots={shots!r} cannot "
+                            "be drawn: give its full data (a pack task, or a .csv/.jsonl file)")
+        task = Task(task.info, task.examples, task.test)
+    if shots == "all":
+        return full_split(task, seed)
     if task.splits:
         if seed not in task.splits:
             raise TaskError(f"task {task.name!r} has splits for seeds {sorted(task.splits)}, not {seed}")
         return task.splits[seed]
-    return kshot(task, seed)
+    return kshot(task, seed, shots)

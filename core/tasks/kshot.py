@@ -44,6 +44,7 @@ __all__ = [
     "hold_out_test",
     "kshot",
     "kshot_all",
+    "full_split",
     "split_file_name",
     "tsv_line",
     "write_split",
@@ -138,6 +139,19 @@ def kshot(task: Task, seed: int, k: int | None = None, *, strict: bool = False) 
             f" test {len(test)} ({source}); every one of the three must be non-empty"
         )
     return Split(train=train, dev=dev, test=test, seed=seed, k=k)
+
+
+def full_split(task: Task, seed: int) -> Split:
+    """The papers' "all" setting: every pool example trains except a k-shot dev set drawn as
+    ``kshot`` draws it (same shuffle, same per-label order), so dev stays few-shot and fixed."""
+    split = kshot(task, seed)
+    held = {id(e) for e in split.dev}
+    pool = list(task.examples) if task.test is not None else hold_out_test(task.examples)[0]
+    train = [e for e in pool if id(e) not in held]
+    if not train:
+        raise TaskError(f"task {task.name!r} is too small for shots='all': its dev set takes all "
+                        f"{len(pool)} pool examples and leaves none to train on")
+    return Split(train=train, dev=split.dev, test=split.test, seed=seed, k=len(train))
 
 
 def kshot_all(
