@@ -11,11 +11,16 @@ from core.algorithms.pt import OPTIMIZERS
 from core.algorithms.upstream import ALGORITHMS
 from core.backbones.soft_prompt import MAX_PROMPT_TOKENS
 from core.prompts import INITS
+from core.tasks import catalog
 from core.tasks.base import SPLIT_SEEDS, TASK_TYPES
 
 
-def _as_refs(v):
-    """`[sms_spam, {name: x, path: ...}]`: a bare name is short for `{name: ...}`."""
+def _as_refs(v, side: str = "train"):
+    """`[sms_spam, {name: x, path: ...}]`: a bare name is short for `{name: ...}`, and
+    `{partition: cls12}` for an MPT partition's source (train) or target (test) tasks."""
+    if isinstance(v, dict) and set(v) == {"partition"}:
+        found = catalog.partition(str(v["partition"]))
+        v = list(found.train if side == "train" else found.test)
     return [{"name": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
 
 
@@ -167,6 +172,7 @@ class UpstreamSpec(Strict):
     def _source_names(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("the source set is empty: name at least one source task")
+        v = _as_refs(v)  # a partition's source tasks, if it names one
         if isinstance(v, dict):  # a selection: validated here so errors name its own fields only
             try:
                 return SourceSelection.model_validate(v)
@@ -232,7 +238,7 @@ class JobSpec(Strict):
     @field_validator("targets", mode="before")
     @classmethod
     def _names(cls, v):
-        return _as_refs(v)
+        return _as_refs(v, "test")
 
     @model_validator(mode="after")
     def _targets_unseen(self) -> "JobSpec":

@@ -139,3 +139,17 @@ def test_register_refuses_to_redefine_a_task_or_an_unscorable_one(clean_registry
     register(TaskInfo(name="x", type="generation", metric="EM"))
     with pytest.raises(TaskError, match="already a registered task"):
         register(TaskInfo(name="x", type="generation", metric="Rouge-L"))
+
+
+def test_a_spec_can_name_a_partition_for_its_sources_and_targets():
+    from core.spec import SpecError, parse_spec
+
+    cls12, cls24 = partition("cls12"), partition("cls24")
+    spec = parse_spec({"name": "paper", "backbone": "smollm2-135m", "targets": {"partition": "cls12"},
+                       "upstream": {"sources": {"partition": "cls12"}},
+                       "sweep": {"field": "upstream.sources", "values": [{"partition": "cls12"}, {"partition": "cls24"}]}})
+    assert [t.name for t in spec.targets] == list(cls12.test)
+    assert [s.name for s in spec.upstream.sources] == list(cls12.train)
+    assert len(cls12.train) == 12 and len(cls24.train) == 24 and cls12.test == cls24.test  # the paper's subsets
+    with pytest.raises(SpecError, match="targets: unknown partition 'cls13'; valid partitions: random, cls2cls"):
+        parse_spec({"name": "x", "backbone": "smollm2-135m", "targets": {"partition": "cls13"}})
