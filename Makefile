@@ -19,10 +19,12 @@ demo: install
 
 # Everything, the slow real-backbone tests included (what CI runs).
 test: install
+	bash scripts/ensure-services
 	$(PY) -m pytest
 
 # Without the minutes-long real-backbone training tests.
 test-fast: install
+	bash scripts/ensure-services
 	$(PY) -m pytest -m "not slow"
 
 clean:

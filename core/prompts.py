@@ -90,6 +90,22 @@ def save_prompt(prompt: torch.Tensor, path: str | Path, **metadata) -> Path:
     return path
 
 
+def prompt_bytes(prompt: torch.Tensor, **metadata) -> bytes:
+    """The safetensors file of `save_prompt`, as bytes (what the store keeps and serves)."""
+    from safetensors.torch import save
+
+    return save({"prompt": prompt.detach().float().cpu().contiguous()}, metadata={k: str(v) for k, v in metadata.items()})
+
+
+def prompt_from_bytes(data: bytes) -> torch.Tensor:
+    from safetensors.torch import load
+
+    tensors = load(data)
+    if list(tensors) != ["prompt"]:
+        raise ValueError(f"not a primer prompt: it holds {list(tensors)}, expected one tensor 'prompt'")
+    return tensors["prompt"]
+
+
 def load_prompt(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
     from safetensors import safe_open
 

@@ -17,6 +17,42 @@ class Settings(BaseSettings):
     # Extra pip arguments used when fetching registry distributions (e.g. an index URL).
     pip_args: str = ""
 
+    # --- the service (docs: README, "Running the service") ---
+    # The store: Postgres in production (postgresql+psycopg://...), else SQLite under cache_dir.
+    database_url: str | None = None
+    # Celery's broker and result backend: Redis for a team, else SQLite files under cache_dir.
+    broker_url: str | None = None
+    result_backend: str | None = None
+    # Backbones a job may name: registry names, or name=location pairs, comma-separated
+    # (e.g. "smollm2-135m,tiny=/models/tiny"). Jobs never name a path themselves.
+    backbones: str = "smollm2-135m"
+    # Longest a broker waits before it hands an unacknowledged task to another worker (s);
+    # must exceed the longest task.
+    visibility_timeout: int = 4 * 3600
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_body_bytes: int = 1024 * 1024  # JSON bodies (specs)
+    cors_origins: str = ""  # comma-separated; CORS is off unless set
+    # The client (`primer submit`): where the API is and the key it sends.
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.cache_dir / 'primer.db'}"
+
+    def broker(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.cache_dir / 'broker.db'}"
+
+    def results_url(self) -> str:
+        return self.result_backend or f"db+sqlite:///{self.cache_dir / 'celery-results.db'}"
+
+    def backbone_allowlist(self) -> dict[str, str]:
+        """name -> what core.backbones.load takes (a registry name or a directory)."""
+        out = {}
+        for item in filter(None, (x.strip() for x in self.backbones.split(","))):
+            name, _, location = item.partition("=")
+            out[name.strip()] = location.strip() or name.strip()
+        return out
+
 
 @lru_cache
 def settings() -> Settings:

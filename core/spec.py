@@ -257,7 +257,12 @@ class JobSpec(Strict):
 
 
 class SpecError(ValueError):
-    """A spec that cannot run; the message names each bad field and what it accepts."""
+    """A spec that cannot run; the message names each bad field and what it accepts.
+    `errors` holds the same as (field path, message) pairs, for an API's 422 body."""
+
+    def __init__(self, message: str, errors: list[tuple[tuple, str]] | None = None):
+        super().__init__(message)
+        self.errors = errors if errors is not None else [((), message)]
 
 
 def format_errors(e: ValidationError) -> str:
@@ -274,7 +279,8 @@ def parse_spec(data: dict) -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(format_errors(e)) from None
+        raise SpecError(format_errors(e), [(tuple(err["loc"]), err["msg"].removeprefix("Value error, "))
+                                           for err in e.errors()]) from None
 
 
 def load_spec(path: str | Path) -> JobSpec:

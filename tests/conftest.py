@@ -15,3 +15,35 @@ def tiny_backbone(request, tiny_dir):
     from core.backbones import load
 
     return load(str(tiny_dir[request.param]), attn="eager")
+
+
+PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty Postgres database on the local server, dropped afterwards."""
+    import secrets
+
+    from sqlalchemy import create_engine, text
+
+    name = f"primer_test_{secrets.token_hex(4)}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """A migrated store on SQLite (the embedded default) and on Postgres (production)."""
+    from core.store import Store
+
+    url = f"sqlite:///{tmp_path / 'primer.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = Store(url)
+    s.upgrade()
+    yield s
+    s.engine.dispose()

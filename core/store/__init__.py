@@ -1,0 +1,374 @@
+"""The store: jobs, prompts, scores, results, events, checkpoints, uploaded tasks and API keys.
+
+One `Store` per process over a SQLAlchemy engine; every method is its own short transaction,
+so the API and any number of workers can share one Postgres (or, on one machine, one SQLite
+file). The schema is created by the Alembic migrations in migrations/ (`Store.upgrade()`).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import secrets
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.prompts import prompt_bytes, prompt_from_bytes
+from core.store.models import (ApiKey, Artifact, Checkpoint, Event, Job, JobUnit, MethodResult, Prompt, Score,
+                               TaskFile, TaskResult, UploadedTask, now)
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+
+class StoreError(Exception):
+    """Something stored is not as it should be (e.g. a prompt whose bytes fail their sha256)."""
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with another body."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def key_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        sqlite = url.startswith("sqlite")
+        if sqlite:
+            path = url.removeprefix("sqlite:///")
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url, pool_pre_ping=True,
+                                    connect_args={"timeout": 30} if sqlite else {})
+        if sqlite:  # foreign keys and a journal that lets readers and one writer work together
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(conn, _):
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA busy_timeout=30000")
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    # --- schema ------------------------------------------------------------------------------------
+    def alembic_config(self):
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        return cfg
+
+    def upgrade(self, revision: str = "head") -> None:
+        from alembic import command
+
+        command.upgrade(self.alembic_config(), revision)
+
+    def downgrade(self, revision: str = "base") -> None:
+        from alembic import command
+
+        command.downgrade(self.alembic_config(), revision)
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    # --- API keys -------------------------------------------------------------------------------
+    def create_key(self, name: str, admin: bool = False) -> tuple[ApiKey, str]:
+        """A new key; the secret is returned once and only its sha256 is stored."""
+        secret = "pk_" + secrets.token_urlsafe(32)
+        row = ApiKey(id=new_id("key"), name=name, prefix=secret[:10], hash=key_hash(secret), admin=admin)
+        with self.session.begin() as s:
+            s.add(row)
+        return row, secret
+
+    def authenticate(self, secret: str) -> ApiKey | None:
+        digest = key_hash(secret)
+        with self.session() as s:
+            row = s.scalar(select(ApiKey).where(ApiKey.hash == digest, ApiKey.revoked_at.is_(None)))
+        # the lookup is by hash; compare once more in constant time so no timing tells how close a guess was
+        return row if row is not None and hmac.compare_digest(row.hash, digest) else None
+
+    def list_keys(self) -> list[ApiKey]:
+        with self.session() as s:
+            return list(s.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+    def revoke_key(self, key_id: str) -> bool:
+        with self.session.begin() as s:
+            return s.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                             .values(revoked_at=now())).rowcount > 0
+
+    # --- jobs -----------------------------------------------------------------------------------
+    def create_job(self, owner: str, name: str, spec: dict, spec_hash: str, units: dict[str, int],
+                   idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """Insert a queued job with its units of work; (job, created). The same idempotency key
+        with the same spec returns the first job; with another spec it is a conflict."""
+        if idempotency_key is not None:
+            found = self._by_idempotency(owner, idempotency_key)
+            if found is not None:
+                return self._replay(found, spec_hash)
+        job = Job(id=new_id("job"), owner=owner, name=name, spec=spec, spec_hash=spec_hash,
+                  idempotency_key=idempotency_key, status="queued", phase="queued")
+        try:
+            with self.session.begin() as s:
+                s.add(job)
+                s.flush()
+                s.add_all(JobUnit(job_id=job.id, unit=u, total=t) for u, t in units.items())
+        except IntegrityError:  # a concurrent request with the same key won the race
+            found = self._by_idempotency(owner, idempotency_key) if idempotency_key else None
+            if found is None:
+                raise
+            return self._replay(found, spec_hash)
+        return job, True
+
+    def _by_idempotency(self, owner: str, key: str) -> Job | None:
+        with self.session() as s:
+            return s.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+    @staticmethod
+    def _replay(job: Job, spec_hash: str) -> tuple[Job, bool]:
+        if job.spec_hash != spec_hash:
+            raise IdempotencyConflict(job.id)
+        return job, False
+
+    def get_job(self, job_id: str, owner: str | None = None) -> Job | None:
+        """The job, or None if it does not exist or (with `owner`) belongs to someone else."""
+        with self.session() as s:
+            job = s.get(Job, job_id)
+        return job if job is not None and (owner is None or job.owner == owner) else None
+
+    def list_jobs(self, owner: str | None = None, status: str | None = None, cursor: str | None = None,
+                  limit: int = 50) -> tuple[list[Job], str | None]:
+        """Newest first; `cursor` is the last id of the previous page. Returns (jobs, next cursor)."""
+        q = select(Job)
+        if owner is not None:
+            q = q.where(Job.owner == owner)
+        if status is not None:
+            q = q.where(Job.status == status)
+        with self.session() as s:
+            if cursor is not None:
+                last = s.get(Job, cursor)
+                if last is None:
+                    raise KeyError(cursor)
+                q = q.where((Job.created_at < last.created_at)
+                            | ((Job.created_at == last.created_at) & (Job.id < last.id)))
+            jobs = list(s.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+        more = len(jobs) > limit
+        return jobs[:limit], (jobs[limit - 1].id if more else None)
+
+    def set_status(self, job_id: str, status: str, phase: str | None = None, error_code: str | None = None,
+                   error_message: str | None = None) -> bool:
+        """Move a job on; a job in a terminal state stays there (returns False)."""
+        assert status in STATUSES, status
+        values: dict = {"status": status}
+        if phase is not None:
+            values["phase"] = phase
+        if status == "running":
+            values["heartbeat_at"] = now()
+        if status in TERMINAL:
+            values["finished_at"] = now()
+        if error_code is not None:
+            values.update(error_code=error_code, error_message=error_message)
+        with self.session.begin() as s:
+            q = update(Job).where(Job.id == job_id, Job.status.not_in(TERMINAL)).values(**values)
+            if status == "running":  # started_at: the first time only
+                s.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=now()))
+            return s.execute(q).rowcount > 0
+
+    def set_phase(self, job_id: str, phase: str) -> None:
+        with self.session.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(phase=phase, heartbeat_at=now()))
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Mark the job cancelled (workers stop at their next step); a finished job is left as it is."""
+        with self.session.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.status.not_in(TERMINAL))
+                      .values(cancel_requested=True, status="cancelled", phase="cancelled", finished_at=now()))
+        return self.get_job(job_id)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        with self.session() as s:
+            return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    def progress(self, job_id: str, unit: str, step: int, done: bool = False) -> None:
+        with self.session.begin() as s:
+            s.execute(update(JobUnit).where(JobUnit.job_id == job_id, JobUnit.unit == unit)
+                      .values(step=step, **({"done": True} if done else {})))
+            s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=now()))
+
+    def job_progress(self, job_id: str) -> tuple[int, int]:
+        """(steps done, steps in all) over the job's units; a finished unit counts in full."""
+        with self.session() as s:
+            rows = s.execute(select(JobUnit.step, JobUnit.total, JobUnit.done).where(JobUnit.job_id == job_id)).all()
+        return sum(t if d else min(st, t) for st, t, d in rows), sum(t for _, t, _ in rows)
+
+    # --- events ---------------------------------------------------------------------------------
+    def add_event(self, job_id: str, message: str = "", kind: str = "log", name: str | None = None,
+                  step: int | None = None, value: float | None = None) -> None:
+        with self.session.begin() as s:
+            s.add(Event(job_id=job_id, kind=kind, message=message, name=name, step=step, value=value))
+
+    def events(self, job_id: str, after: int = 0, limit: int = 100) -> list[Event]:
+        with self.session() as s:
+            return list(s.scalars(select(Event).where(Event.job_id == job_id, Event.id > after)
+                                  .order_by(Event.id).limit(limit)))
+
+    # --- prompts --------------------------------------------------------------------------------
+    def save_prompt(self, job: Job, name: str, tensor: torch.Tensor, backbone: str, algorithm: str,
+                    task: str | None = None, seed: int | None = None) -> Prompt:
+        """Store a prompt once per (job, name): saving it again returns the stored one."""
+        data = prompt_bytes(tensor)
+        row = Prompt(id=new_id("prm"), job_id=job.id, owner=job.owner, name=name, backbone=backbone,
+                     algorithm=algorithm, task=task, seed=seed, shape=list(tensor.shape),
+                     dtype=str(tensor.dtype).removeprefix("torch."), sha256=hashlib.sha256(data).hexdigest(),
+                     data=data)
+        try:
+            with self.session.begin() as s:
+                s.add(row)
+        except IntegrityError:
+            with self.session() as s:
+                return s.scalar(select(Prompt).where(Prompt.job_id == job.id, Prompt.name == name))
+        return row
+
+    def get_prompt(self, prompt_id: str, owner: str | None = None) -> Prompt | None:
+        with self.session() as s:
+            row = s.get(Prompt, prompt_id)
+        return row if row is not None and (owner is None or row.owner == owner) else None
+
+    @staticmethod
+    def verified(row: Prompt) -> bytes:
+        """The prompt's bytes, after checking them against their stored sha256."""
+        if hashlib.sha256(row.data).hexdigest() != row.sha256:
+            raise StoreError(f"prompt {row.id}: stored bytes do not match their sha256; not served")
+        return row.data
+
+    def prompt_tensor(self, row: Prompt) -> torch.Tensor:
+        return prompt_from_bytes(self.verified(row))
+
+    def list_prompts(self, owner: str | None = None, backbone: str | None = None, algorithm: str | None = None,
+                     job_id: str | None = None, limit: int = 200) -> list[Prompt]:
+        q = select(Prompt)
+        for column, value in ((Prompt.owner, owner), (Prompt.backbone, backbone), (Prompt.algorithm, algorithm),
+                              (Prompt.job_id, job_id)):
+            if value is not None:
+                q = q.where(column == value)
+        with self.session() as s:
+            return list(s.scalars(q.order_by(Prompt.created_at.desc(), Prompt.id).limit(limit)))
+
+    # --- scores and results ---------------------------------------------------------------------
+    def save_score(self, **fields) -> bool:
+        """One downstream run's scores; False if that cell was stored already (a redelivery)."""
+        try:
+            with self.session.begin() as s:
+                s.add(Score(**fields))
+        except IntegrityError:
+            return False
+        return True
+
+    def get_score(self, job_id: str, method: str, task: str, seed: int, lr: float) -> Score | None:
+        with self.session() as s:
+            return s.scalar(select(Score).where(Score.job_id == job_id, Score.method == method, Score.task == task,
+                                                Score.seed == seed, Score.lr == lr))
+
+    def scores(self, job_id: str) -> list[Score]:
+        with self.session() as s:
+            return list(s.scalars(select(Score).where(Score.job_id == job_id).order_by(Score.id)))
+
+    def save_results(self, job_id: str, tasks: list[dict], args: dict[str, float]) -> None:
+        """Replace the job's aggregated results (aggregation may run again after a redelivery)."""
+        with self.session.begin() as s:
+            s.execute(delete(TaskResult).where(TaskResult.job_id == job_id))
+            s.execute(delete(MethodResult).where(MethodResult.job_id == job_id))
+            s.add_all(TaskResult(job_id=job_id, **row) for row in tasks)
+            s.add_all(MethodResult(job_id=job_id, method=m, arg=v) for m, v in args.items())
+
+    def results(self, job_id: str) -> tuple[list[TaskResult], list[MethodResult]]:
+        with self.session() as s:
+            return (list(s.scalars(select(TaskResult).where(TaskResult.job_id == job_id).order_by(TaskResult.id))),
+                    list(s.scalars(select(MethodResult).where(MethodResult.job_id == job_id).order_by(MethodResult.id))))
+
+    # --- checkpoints and artifacts --------------------------------------------------------------
+    def save_checkpoint(self, job_id: str, key: str, state: dict) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        with self.session.begin() as s:
+            s.merge(Checkpoint(job_id=job_id, key=key, data=buf.getvalue(), updated_at=now()))
+
+    def load_checkpoint(self, job_id: str, key: str) -> dict | None:
+        with self.session() as s:
+            row = s.get(Checkpoint, (job_id, key))
+        return None if row is None else torch.load(io.BytesIO(row.data), weights_only=True)
+
+    def save_artifact(self, job_id: str, name: str, content_type: str, data: bytes) -> None:
+        with self.session.begin() as s:
+            s.merge(Artifact(job_id=job_id, name=name, content_type=content_type, data=data))
+
+    def artifact(self, job_id: str, name: str) -> Artifact | None:
+        with self.session() as s:
+            return s.get(Artifact, (job_id, name))
+
+    # --- uploaded tasks -------------------------------------------------------------------------
+    def save_task(self, owner: str, name: str, type: str, metric: str, options: list[str] | None, format: str,
+                  examples: int, files: dict[str, bytes]) -> UploadedTask:
+        row = UploadedTask(id=new_id("task"), owner=owner, name=name, type=type, metric=metric, options=options,
+                           format=format, examples=examples,
+                           files={f: hashlib.sha256(d).hexdigest() for f, d in files.items()})
+        with self.session.begin() as s:  # IntegrityError if the owner has a task of that name
+            s.add(row)
+            s.flush()
+            s.add_all(TaskFile(task_id=row.id, filename=f, data=d) for f, d in files.items())
+        return row
+
+    def get_task(self, owner: str, name: str) -> UploadedTask | None:
+        with self.session() as s:
+            return s.scalar(select(UploadedTask).where(UploadedTask.owner == owner, UploadedTask.name == name))
+
+    def task_files(self, task_id: str) -> dict[str, bytes]:
+        with self.session() as s:
+            return {f.filename: f.data for f in s.scalars(select(TaskFile).where(TaskFile.task_id == task_id))}
+
+    def list_tasks(self, owner: str | None = None) -> list[UploadedTask]:
+        q = select(UploadedTask).order_by(UploadedTask.created_at)
+        with self.session() as s:
+            return list(s.scalars(q if owner is None else q.where(UploadedTask.owner == owner)))
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per status, for /metrics."""
+        with self.session() as s:
+            return dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+
+class StoreCheckpoints:
+    """core.experiment's Checkpoints protocol over the store: a job's checkpoints survive the
+    worker that wrote them, so any worker can resume the job."""
+
+    def __init__(self, store: Store, job_id: str):
+        self.store, self.job_id = store, job_id
+
+    def load(self, key: str) -> dict | None:
+        return self.store.load_checkpoint(self.job_id, key)
+
+    def save(self, key: str, state: dict) -> None:
+        self.store.save_checkpoint(self.job_id, key, state)
+
+
+def utc(dt: datetime | None) -> str | None:
+    """ISO 8601 in UTC (SQLite gives naive datetimes back; they were written in UTC)."""
+    if dt is None:
+        return None
+    return dt.isoformat() if dt.tzinfo else dt.isoformat() + "+00:00"
