@@ -13,9 +13,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Downstream prompt tuning of SmolLM2-135M on real SMS spam data; a few minutes on 2 cores.
+# A small real MAML job through the service (API + worker on this machine, nothing else needed):
+# SmolLM2-135M, three real source tasks, SMS spam as the target; a few minutes on 2 cores.
 demo: install
-	$(VENV)/bin/primer run examples/demo.yaml --out runs/demo
+	bash scripts/demo
 
 # Everything, the slow real-backbone tests included (what CI runs).
 test: install

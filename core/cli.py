@@ -1,4 +1,6 @@
-"""The `primer` command line."""
+"""The `primer` command line: the library's commands (run, tasks, data) and the service's
+(serve, submit, jobs, keys). Only the service commands touch the api and worker packages, and
+only when they run."""
 from __future__ import annotations
 
 import sys
@@ -14,6 +16,11 @@ data_app = typer.Typer(help="Task packs built from real datasets.", no_args_is_h
 app.add_typer(tasks_app, name="tasks")
 app.add_typer(backbones_app, name="backbones")
 app.add_typer(data_app, name="data")
+jobs_app = typer.Typer(help="Jobs on a primer service.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of this machine's store (run where the service's database is).",
+                       no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(keys_app, name="keys")
 
 
 def fail(message: str) -> None:
@@ -154,3 +161,184 @@ def data_build(names: list[str] = typer.Argument(None, help="pack tasks (default
 
 if __name__ == "__main__":
     app()
+
+
+# --- the service -------------------------------------------------------------------------------
+def _store():
+    from core.settings import settings
+    from core.store import Store
+
+    store = Store(settings().db_url())
+    store.upgrade()
+    return store
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
+          workers: int = typer.Option(1, help="Celery worker processes to start here (0: none)")):
+    """Run the API and workers on this machine. With no settings: SQLite store and SQLite broker
+    under PRIMER_CACHE_DIR, and an admin key written to PRIMER_CACHE_DIR/api_key for the client."""
+    import os
+    import subprocess
+
+    import uvicorn
+
+    from core.settings import settings
+
+    store = _store()
+    key_file = settings().cache_dir / "api_key"
+    if not settings().api_key and not key_file.exists():
+        _, secret = store.create_key("local admin", admin=True)
+        key_file.touch(mode=0o600)
+        key_file.write_text(secret + "\n")
+        typer.echo(f"admin key written to {key_file}", err=True)
+    logs = settings().cache_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "upstream,downstream",
+                               "--concurrency", "1", "-n", f"primer{i}-{os.getpid()}@%h", "--loglevel", "info"],
+                              stdout=open(logs / f"worker{i}.log", "ab"), stderr=subprocess.STDOUT)
+             for i in range(workers)]
+    typer.echo(f"primer API on http://{host}:{port} (docs: /docs), {workers} worker(s), store {store.engine.url!r}, "
+               f"worker logs in {logs}", err=True)
+    try:
+        uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level="warning")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _client(url: str | None, key: str | None):
+    from api.client import Client
+
+    return Client(url, key)
+
+
+def _results_table(results: dict) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in results["tasks"]))
+    tasks = list(dict.fromkeys(r["task"] for r in results["tasks"]))
+    cell = {(r["task"], r["method"]): r for r in results["tasks"]}
+    lines = ["| task | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for t in tasks:
+        shown = []
+        for m in methods:
+            r = cell[(t, m)]
+            gain = "" if r["relative_gain"] is None else f" ({100 * r['relative_gain']:+.1f}%)"
+            shown.append(f"{r['mean']:.3f} ± {r['std']:.3f}{gain}")
+        lines.append(f"| {t} | " + " | ".join(shown) + " |")
+    lines.append("| **ARG** | " + " | ".join(f"{results['arg'][m]:+.1f}%" if m in results["arg"] else "-"
+                                            for m in methods) + " |")
+    return "\n".join(lines)
+
+
+@app.command()
+def submit(spec: Path = typer.Argument(..., help="job spec (YAML)"),
+           wait: bool = typer.Option(False, help="follow the job with a progress bar until it ends"),
+           download: Path = typer.Option(None, help="with --wait: save the job's initial prompts here"),
+           idempotency_key: str = typer.Option(None, help="resubmitting with the same key returns the same job"),
+           url: str = typer.Option(None, help="the API (default: PRIMER_API_URL)"),
+           key: str = typer.Option(None, help="API key (default: PRIMER_API_KEY or the local admin key)")):
+    """Submit a job spec to a primer service."""
+    import time
+
+    import yaml
+    from tqdm import tqdm
+
+    from api.client import ClientError
+
+    if not spec.is_file():
+        fail(f"spec file {spec} does not exist")
+    try:
+        body = yaml.safe_load(spec.read_text())
+    except yaml.YAMLError as e:
+        fail(f"{spec} is not valid YAML: {e}")
+    client = _client(url, key)
+    try:
+        job = client.submit(body, idempotency_key)
+        typer.echo(f"job {job['id']}: {job['status']}")
+        if not wait:
+            return
+        bar = tqdm(total=max(job["total"], 1), unit="step", dynamic_ncols=True, file=sys.stderr)
+        while job["status"] in ("queued", "running"):
+            time.sleep(1)
+            job = client.job(job["id"])
+            bar.total, bar.n = max(job["total"], 1), job["step"]
+            bar.set_description(job["phase"], refresh=False)
+            bar.refresh()
+        bar.close()
+        typer.echo(f"job {job['id']}: {job['status']}")
+        if job["status"] != "succeeded":
+            error = job.get("error") or {}
+            fail(f"job {job['id']} {job['status']}: {error.get('message', '')}".rstrip(": "))
+        typer.echo(_results_table(client.results(job["id"])))
+        if download:
+            download.mkdir(parents=True, exist_ok=True)
+            for p in client.prompts(job["id"]):
+                if p["name"].startswith("init/"):
+                    path = download / f"{p['name'].replace('/', '.')}.safetensors"
+                    path.write_bytes(client.download(p["id"]))
+                    typer.echo(f"prompt {p['id']} ({p['name']}, {p['shape']}) -> {path}")
+    except ClientError as e:
+        fail(str(e))
+
+
+@jobs_app.command("list")
+def jobs_list(status: str = typer.Option(None), url: str = typer.Option(None), key: str = typer.Option(None)):
+    from api.client import ClientError
+
+    try:
+        for j in _client(url, key).jobs(status):
+            typer.echo(f"{j['id']}  {j['status']:<9}  {j['phase']:<10}  {j['step']}/{j['total']}  {j['name']}")
+    except ClientError as e:
+        fail(str(e))
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: str = typer.Option(None), key: str = typer.Option(None)):
+    import json
+
+    from api.client import ClientError
+
+    try:
+        client = _client(url, key)
+        job = client.job(job_id)
+        typer.echo(json.dumps({k: v for k, v in job.items() if k != "spec"}, indent=2))
+        if job["status"] == "succeeded":
+            typer.echo(_results_table(client.results(job_id)))
+    except ClientError as e:
+        fail(str(e))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: str = typer.Option(None), key: str = typer.Option(None)):
+    from api.client import ClientError
+
+    try:
+        typer.echo(f"job {job_id}: {_client(url, key).cancel(job_id)['status']}")
+    except ClientError as e:
+        fail(str(e))
+
+
+@keys_app.command("create")
+def keys_create(name: str, admin: bool = typer.Option(False, help="sees and manages every key's jobs")):
+    """Create an API key; its secret is printed once and only its hash is stored."""
+    key, secret = _store().create_key(name, admin)
+    typer.echo(f"{key.id}  {secret}")
+
+
+@keys_app.command("list")
+def keys_list():
+    for k in _store().list_keys():
+        state = "revoked" if k.revoked_at else "admin" if k.admin else "user"
+        typer.echo(f"{k.id}  {k.prefix}…  {state:<7}  {k.name}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str):
+    if not _store().revoke_key(key_id):
+        fail(f"no active key {key_id!r}; see `primer keys list`")
+    typer.echo(f"{key_id} revoked")

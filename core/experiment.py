@@ -18,11 +18,12 @@ import torch
 
 from core import backbones
 from core.algorithms.finetune import finetune
-from core.algorithms.pt import RunResult, TaskResult, TrainConfig, prompt_tune
+from core.algorithms.pt import RunResult, TaskResult, TrainConfig, prompt_tune, train_prompt
 from core.algorithms.upstream import UpstreamConfig, UpstreamResult, meta_train
 from core.backbones.soft_prompt import SoftPromptModel
 from core.metrics import arg, relative_gain
 from core.prompts import init_prompt
+from core.settings import settings
 from core.similarity import Selection, select_top_k, task_prompt
 from core.spec import JobSpec, SourceSelection
 from core.tasks import Example, Split, Task, get_split, load_task
@@ -149,10 +150,21 @@ def _load_task_result(state: dict) -> TaskResult:
     return TaskResult(state["task"], state["metric"], runs, [runs[i] for i in state["best"]])
 
 
-def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoints | None = None) -> Results:
-    start = time.perf_counter()
-    emit = progress or (lambda event: None)
-    store = checkpoints or NoCheckpoints()
+@dataclass
+class Prepared:
+    """What every phase of a job needs: the tasks and their splits, the backbone and the model."""
+
+    spec: JobSpec
+    targets: dict[str, Task]
+    splits: dict[str, list[Split]]
+    sources: dict[str, list[Split]]
+    infos: dict
+    backbone: object
+    init: torch.Tensor
+    model: SoftPromptModel
+
+
+def prepare(spec: JobSpec, emit: Progress) -> Prepared:
     # Tasks first: a bad task name fails before minutes go into loading a model.
     targets = {ref.name: load_task(ref, spec.downstream.shots) for ref in spec.targets}
     splits = {name: target_splits(task, spec) for name, task in targets.items()}
@@ -165,34 +177,59 @@ def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoint
             infos[ref.name] = source.info
 
     emit({"phase": "load", "step": 0, "total": 1, "backbone": spec.backbone})
-    backbone = backbones.load(spec.backbone)
+    backbone = backbones.load(spec.backbone, device=settings().torch_device())
     p = spec.prompt
     init = init_prompt(backbone, p.length, p.init, p.seed, text=p.text or "", path=p.path or "")
     model = SoftPromptModel(backbone, init, max_input_tokens=spec.max_input_tokens,
                             max_answer_tokens=spec.max_answer_tokens)
+    return Prepared(spec, targets, splits, sources, infos, backbone, init, model)
 
+
+@dataclass
+class Inits:
+    """The upstream phase's product: an initial prompt per method ("pt": the plain init)."""
+
+    prompts: dict[str, torch.Tensor]
+    upstream: dict[str, UpstreamResult]
+    selection: Selection | None
+    clusters: Clusters | None
+
+
+def learn_inits(prep: Prepared, emit: Progress, store: Checkpoints) -> Inits:
+    """Source selection, MetaPT's clustering and every upstream method, in order."""
+    spec, sources = prep.spec, prep.sources
     clusters = None
     if spec.upstream and "metapt" in spec.upstream.methods:
-        clusters = _cluster(spec, sources, backbone)  # before any training: a bad k fails here
+        clusters = _cluster(spec, sources, prep.backbone)  # before any training: a bad k fails here
 
     selection = None
     if spec.upstream and isinstance(spec.upstream.sources, SourceSelection):
-        selection = _select_sources(backbone, spec, sources, infos, targets, splits, emit, store)
+        selection = _select_sources(prep.backbone, spec, sources, prep.infos, prep.targets, prep.splits, emit, store)
         sources = {name: sources[name] for name in selection.chosen}
 
-    inits = {"pt": init}
+    inits = {"pt": prep.init}
     upstream: dict[str, UpstreamResult] = {}
     for method in (spec.upstream.methods if spec.upstream else []):
         tasks = clusters.meta_tasks if method == "metapt" else sources
-        upstream[method] = _upstream(model, tasks, init, upstream_config(spec, method), emit, store)
+        upstream[method] = _upstream(prep.model, tasks, prep.init, upstream_config(spec, method), emit, store)
         inits[method] = upstream[method].prompt
+    return Inits(inits, upstream, selection, clusters)
+
+
+def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoints | None = None) -> Results:
+    start = time.perf_counter()
+    emit = progress or (lambda event: None)
+    store = checkpoints or NoCheckpoints()
+    prep = prepare(spec, emit)
+    learned = learn_inits(prep, emit, store)
+    inits, backbone, model, targets, splits = learned.prompts, prep.backbone, prep.model, prep.targets, prep.splits
 
     cfg, d = train_config(spec), spec.downstream
     ft_cfg = dataclasses.replace(cfg, optimizer=d.ft_optimizer)
     budget = {m: len(d.seeds) * len(d.ft_lrs if m == "ft" else d.lrs) * d.max_steps for m in spec.methods}
     total, done = len(targets) * sum(budget.values()), 0
     results: dict[str, dict[str, TaskResult]] = {name: {} for name in targets}
-    prompts = {f"init/{m}": inits[m] for m in upstream}
+    prompts = {f"init/{m}": inits[m] for m in learned.upstream}
     for name, task in targets.items():
         for method in spec.methods:
             key = f"downstream/{method}/{name}"
@@ -210,7 +247,33 @@ def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoint
             results[name][method] = result
             prompts.update({f"{name}/{method}/seed{r.seed}": r.prompt for r in result.best if r.prompt is not None})
             done += budget[method]
-    return Results(spec, results, upstream, prompts, time.perf_counter() - start, selection, clusters)
+    return Results(spec, results, learned.upstream, prompts, time.perf_counter() - start, learned.selection,
+                   learned.clusters)
+
+
+def run_cell(prep: Prepared, method: str, task: str, seed: int, lr: float, init: torch.Tensor | None,
+             progress: Progress | None = None) -> RunResult:
+    """One cell of the downstream grid, on its own: train from `init` (FT: the backbone's own
+    weights) on split `seed` with `lr`, and score the best-dev checkpoint on test. A grid of
+    cells picked by `task_result` gives what `run` gets."""
+    spec, d = prep.spec, prep.spec.downstream
+    cfg = train_config(spec)
+    split = next(s for s in prep.splits[task] if s.seed == seed)
+    info = prep.targets[task].info
+    if method == "ft":
+        result = finetune(prep.backbone, prep.targets[task], [lr], [split],
+                          dataclasses.replace(cfg, optimizer=d.ft_optimizer), progress,
+                          max_input_tokens=spec.max_input_tokens, max_answer_tokens=spec.max_answer_tokens)
+        return result.runs[0]
+    return train_prompt(prep.model, split, info, init, lr, cfg, progress, test=True)
+
+
+def task_result(task: Task, seeds: list[int], lrs: list[float], runs: list[RunResult]) -> TaskResult:
+    """The paper's protocol over finished cells: per seed, the lr with the best dev score (ties:
+    the first of the grid), whose test score counts."""
+    ordered = sorted(runs, key=lambda r: (seeds.index(r.seed), lrs.index(r.lr)))
+    best = [max((r for r in ordered if r.seed == seed), key=lambda r: r.best_dev) for seed in seeds]
+    return TaskResult(task.name, task.info.metric, ordered, best)
 
 
 def _relay(emit: Progress, task: str, method: str, before: int, max_steps: int, total: int) -> Progress:

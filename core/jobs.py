@@ -128,3 +128,191 @@ def materialize(store, owner: str, spec: JobSpec) -> JobSpec:
         else:
             data["upstream"]["sources"] = refs
     return JobSpec.model_validate(data)
+
+
+# --- running a job (the worker's side) ---------------------------------------------------------
+class Cancelled(Exception):
+    """The job was cancelled; the step that notices stops where it is."""
+
+
+class Reporter:
+    """A progress callback for one unit of work: writes its step to the store and checks for
+    cancellation at most every `every` seconds, and records metric points (losses, dev scores)
+    as events."""
+
+    def __init__(self, store, job_id: str, unit: str, every: float = 1.0):
+        self.store, self.job_id, self.unit, self.every = store, job_id, unit, every
+        self.last = 0.0
+
+    def __call__(self, event: dict) -> None:
+        import time
+
+        step = event.get("step", 0)
+        if "dev" in event:
+            self.store.add_event(self.job_id, kind="metric", name=f"{self.unit}/dev", step=step, value=event["dev"])
+        if time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            if "loss" in event:
+                self.store.add_event(self.job_id, kind="metric", name=f"{self.unit}/loss", step=step, value=event["loss"])
+            self.store.progress(self.job_id, self.unit, step)
+            if self.store.is_cancelled(self.job_id):
+                raise Cancelled(self.job_id)
+
+
+class UnitRouter:
+    """core.experiment's progress events name their phase; send each to its unit's Reporter."""
+
+    def __init__(self, store, job_id: str):
+        self.store, self.job_id, self.reporters = store, job_id, {}
+
+    def __call__(self, event: dict) -> None:
+        phase = event.get("phase")
+        unit = "similarity" if phase == "similarity" else f"upstream/{event['method']}" if phase == "upstream" else None
+        if unit is None:
+            return
+        if unit not in self.reporters:
+            self.reporters[unit] = Reporter(self.store, self.job_id, unit)
+            self.store.add_event(self.job_id, f"{unit} started")
+        event = event | {"step": event.get("done", event["step"])} if unit == "similarity" else event
+        self.reporters[unit](event)
+
+
+_prepared: dict = {}  # job id -> core.experiment.Prepared; one job per worker process at a time
+
+
+def prepared(store, job):
+    """The job's tasks, splits, backbone and model, loaded once per worker process."""
+    from core.experiment import prepare
+
+    if job.id not in _prepared:
+        _prepared.clear()
+        spec = materialize(store, job.owner, parse_spec(job.spec))
+        _prepared[job.id] = prepare(spec, lambda e: None)
+    return _prepared[job.id]
+
+
+def start(store, job_id: str) -> list[Cell]:
+    """The upstream step: learn every method's initial prompt and store it; the cells to run next."""
+    from core.experiment import learn_inits
+    from core.store import StoreCheckpoints
+
+    job = store.get_job(job_id)
+    if job is None or job.status in ("succeeded", "failed", "cancelled"):
+        return []
+    spec = parse_spec(job.spec)
+    store.set_status(job_id, "running", phase="loading")
+    store.add_event(job_id, f"job started: {len(cells(spec))} downstream runs")
+    prep = prepared(store, job)
+    if spec.upstream:
+        store.set_phase(job_id, "upstream")
+    learned = learn_inits(prep, UnitRouter(store, job_id), StoreCheckpoints(store, job_id))
+    for method, prompt in learned.prompts.items():
+        store.save_prompt(job, f"init/{method}", prompt, backbone=spec.backbone, algorithm=method)
+    for method, result in learned.upstream.items():
+        store.progress(job_id, f"upstream/{method}", result.steps, done=True)
+        store.add_event(job_id, f"upstream/{method} finished: {result.steps} steps in {result.seconds:.0f} s")
+    if learned.selection is not None:
+        store.progress(job_id, "similarity", 0, done=True)
+    if learned.clusters is not None:
+        import tempfile
+
+        from core.algorithms.metapt import plot_clusters
+
+        c = learned.clusters
+        with tempfile.TemporaryDirectory() as tmp:
+            path = plot_clusters(c.examples, c.ids, Path(tmp) / "clusters.png", method=spec.upstream.clustering.plot,
+                                 title=f"MetaPT meta-tasks: {spec.upstream.clustering.method}")
+            store.save_artifact(job_id, "clusters.png", "image/png", path.read_bytes())
+    from dataclasses import asdict
+
+    store.save_checkpoint(job_id, "upstream/summary", {
+        "selection": json.dumps(asdict(learned.selection)) if learned.selection else "",
+        "clusters": json.dumps(learned.clusters.summary) if learned.clusters else ""})
+    store.set_phase(job_id, "downstream")
+    return cells(spec)
+
+
+def run_cell(store, job_id: str, cell: Cell) -> None:
+    """One downstream run; nothing to do if its score is stored already (a redelivery)."""
+    from core.experiment import run_cell as train_cell
+    from core.prompts import prompt_bytes
+
+    job = store.get_job(job_id)
+    if job is None or job.status in ("failed", "cancelled"):
+        raise Cancelled(job_id)
+    if store.get_score(job_id, cell.method, cell.task, cell.seed, cell.lr) is not None:
+        return
+    prep = prepared(store, job)
+    init = None
+    if cell.method != "ft":
+        row = next(p for p in store.list_prompts(job_id=job_id) if p.name == f"init/{cell.method}")
+        init = store.prompt_tensor(row)
+    run = train_cell(prep, cell.method, cell.task, cell.seed, cell.lr, init, Reporter(store, job_id, cell.unit))
+    store.save_score(job_id=job_id, method=cell.method, task=cell.task, seed=cell.seed, lr=cell.lr,
+                     metric=prep.targets[cell.task].info.metric, dev=run.best_dev, test=run.test,
+                     best_step=run.best_step, steps=run.steps, seconds=run.seconds, curve=run.curve,
+                     prompt=prompt_bytes(run.prompt) if run.prompt is not None else None)
+    store.progress(job_id, cell.unit, run.steps, done=True)
+
+
+def aggregate(store, job_id: str) -> None:
+    """Pick each seed's best-dev lr, score methods against PT, store results, prompts and report."""
+    import tempfile
+
+    from core.algorithms.pt import RunResult
+    from core.algorithms.upstream import UpstreamResult
+    from core.experiment import Clusters, Results, task_result
+    from core.prompts import prompt_from_bytes
+    from core.report import write
+    from core.similarity import Selection
+    from core.tasks import load_task
+
+    job = store.get_job(job_id)
+    if job is None or job.status in ("succeeded", "failed", "cancelled"):
+        return
+    store.set_phase(job_id, "aggregate")
+    spec = parse_spec(job.spec)
+    local = materialize(store, job.owner, spec)
+    d = spec.downstream
+    runs: dict[tuple[str, str], list[RunResult]] = {}
+    for row in store.scores(job_id):
+        runs.setdefault((row.task, row.method), []).append(RunResult(
+            row.seed, row.lr, row.dev, row.best_step, row.test, row.steps, row.seconds, row.curve,
+            prompt_from_bytes(row.prompt) if row.prompt is not None else None))
+    tasks = {}
+    for ref in local.targets:
+        task = load_task(ref, d.shots)
+        tasks[ref.name] = {m: task_result(task, d.seeds, d.ft_lrs if m == "ft" else d.lrs, runs[(ref.name, m)])
+                           for m in spec.methods}
+    upstream = {}
+    for m in (spec.upstream.methods if spec.upstream else []):
+        state = store.load_checkpoint(job_id, f"upstream/{m}")
+        upstream[m] = UpstreamResult(m, state["prompt"], state["step"], state["seconds"], state["curve"])
+    summary = store.load_checkpoint(job_id, "upstream/summary") or {}
+    selection = Selection(**json.loads(summary["selection"])) if summary.get("selection") else None
+    clusters = Clusters([], [], {}, json.loads(summary["clusters"])) if summary.get("clusters") else None
+    results = Results(spec, tasks, upstream, {}, 0.0, selection, clusters)
+    if job.started_at is not None:
+        from core.store.models import now
+
+        started = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=now().tzinfo)
+        results.seconds = (now() - started).total_seconds()
+
+    gains = results.gains()
+    rows = [{"method": m, "task": t, "metric": r.metric, "mean": r.mean, "std": r.std,
+             "relative_gain": gains[m][t] if m in gains else None}
+            for t, per in tasks.items() for m, r in per.items()]
+    store.save_results(job_id, rows, results.arg())
+    for t, per in tasks.items():
+        for m, r in per.items():
+            for run in r.best:
+                if run.prompt is not None:
+                    store.save_prompt(job, f"{t}/{m}/seed{run.seed}", run.prompt, backbone=spec.backbone,
+                                      algorithm=m, task=t, seed=run.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write(results, Path(tmp)):
+            if path.parent == Path(tmp):
+                kind = {".png": "image/png", ".json": "application/json", ".md": "text/markdown"}[path.suffix]
+                store.save_artifact(job_id, path.name, kind, path.read_bytes())
+    store.add_event(job_id, "results: " + ", ".join(f"ARG {m} {v:+.1f}%" for m, v in results.arg().items()))
+    store.set_status(job_id, "succeeded", phase="done")

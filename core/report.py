@@ -94,7 +94,7 @@ def write(results: Results, out: Path) -> list[Path]:
     files[0].write_text(json.dumps(results.to_dict(), indent=2))
     files[1].write_text(markdown(results))
     files += plots(results, out)
-    if results.clusters:
+    if results.clusters and results.clusters.examples:  # the service plots them in its upstream step
         from core.algorithms.metapt import plot_clusters
 
         c = results.clusters

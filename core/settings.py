@@ -17,6 +17,9 @@ class Settings(BaseSettings):
     # Extra pip arguments used when fetching registry distributions (e.g. an index URL).
     pip_args: str = ""
 
+    # Where jobs train: "auto" (CUDA when the process sees a GPU, else CPU), "cpu" or "cuda[:N]".
+    device: str = "auto"
+
     # --- the service (docs: README, "Running the service") ---
     # The store: Postgres in production (postgresql+psycopg://...), else SQLite under cache_dir.
     database_url: str | None = None
@@ -35,6 +38,13 @@ class Settings(BaseSettings):
     # The client (`primer submit`): where the API is and the key it sends.
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
+
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # only where training happens: the worker's child process, or the CLI
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.cache_dir / 'primer.db'}"

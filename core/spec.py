@@ -7,10 +7,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.algorithms.pt import OPTIMIZERS
-from core.algorithms.upstream import ALGORITHMS
-from core.backbones.soft_prompt import MAX_PROMPT_TOKENS
-from core.prompts import INITS
+from core.names import ALGORITHM_NAMES as ALGORITHMS
+from core.names import INIT_NAMES as INITS
+from core.names import MAX_PROMPT_TOKENS, OPTIMIZERS
 from core.tasks import catalog
 from core.tasks.base import SPLIT_SEEDS, TASK_TYPES
 

@@ -16,11 +16,10 @@ import torch
 
 from core.backbones.soft_prompt import SoftPromptModel
 from core.metrics import score
+from core.names import OPTIMIZERS
 from core.tasks.base import Example, Split, Task, TaskInfo
 
 Progress = Callable[[dict], None]
-
-OPTIMIZERS = ("adafactor", "adamw")
 
 
 @dataclass

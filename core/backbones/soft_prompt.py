@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.names import MAX_PROMPT_TOKENS
+
 from core.backbones.load import Backbone
 from core.tasks.base import Example, TaskError, TaskInfo
 
-MAX_PROMPT_TOKENS = 512
 CAUSAL_ANSWER_CUE = "\nAnswer:"  # a causal LM needs to be told where the answer starts
 
 
@@ -222,7 +223,7 @@ class SoftPromptModel(nn.Module):
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         res = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                use_cache=True)
-        last = self._head(res.last_hidden_state[torch.arange(len(inputs)), lengths - 1])
+        last = self._head(res.last_hidden_state[torch.arange(len(inputs), device=mask.device), lengths - 1])
         cache, done = res.past_key_values, torch.zeros(len(inputs), dtype=torch.bool, device=mask.device)
         generated: list[list[int]] = [[] for _ in inputs]
         for _ in range(self.max_answer_tokens):

@@ -13,12 +13,10 @@ import secrets
 from datetime import datetime
 from pathlib import Path
 
-import torch
 from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
-from core.prompts import prompt_bytes, prompt_from_bytes
 from core.store.models import (ApiKey, Artifact, Checkpoint, Event, Job, JobUnit, MethodResult, Prompt, Score,
                                TaskFile, TaskResult, UploadedTask, now)
 
@@ -229,9 +227,11 @@ class Store:
                                   .order_by(Event.id).limit(limit)))
 
     # --- prompts --------------------------------------------------------------------------------
-    def save_prompt(self, job: Job, name: str, tensor: torch.Tensor, backbone: str, algorithm: str,
+    def save_prompt(self, job: Job, name: str, tensor, backbone: str, algorithm: str,
                     task: str | None = None, seed: int | None = None) -> Prompt:
-        """Store a prompt once per (job, name): saving it again returns the stored one."""
+        """Store a prompt (a torch tensor) once per (job, name): saving it again returns the stored one."""
+        from core.prompts import prompt_bytes
+
         data = prompt_bytes(tensor)
         row = Prompt(id=new_id("prm"), job_id=job.id, owner=job.owner, name=name, backbone=backbone,
                      algorithm=algorithm, task=task, seed=seed, shape=list(tensor.shape),
@@ -257,7 +257,9 @@ class Store:
             raise StoreError(f"prompt {row.id}: stored bytes do not match their sha256; not served")
         return row.data
 
-    def prompt_tensor(self, row: Prompt) -> torch.Tensor:
+    def prompt_tensor(self, row: Prompt):
+        from core.prompts import prompt_from_bytes
+
         return prompt_from_bytes(self.verified(row))
 
     def list_prompts(self, owner: str | None = None, backbone: str | None = None, algorithm: str | None = None,
@@ -304,12 +306,16 @@ class Store:
 
     # --- checkpoints and artifacts --------------------------------------------------------------
     def save_checkpoint(self, job_id: str, key: str, state: dict) -> None:
+        import torch
+
         buf = io.BytesIO()
         torch.save(state, buf)
         with self.session.begin() as s:
             s.merge(Checkpoint(job_id=job_id, key=key, data=buf.getvalue(), updated_at=now()))
 
     def load_checkpoint(self, job_id: str, key: str) -> dict | None:
+        import torch
+
         with self.session() as s:
             row = s.get(Checkpoint, (job_id, key))
         return None if row is None else torch.load(io.BytesIO(row.data), weights_only=True)

@@ -1,0 +1,1 @@
+"""primer's HTTP API (FastAPI): `uvicorn api.app:create_app --factory`."""

@@ -1,0 +1,155 @@
+"""Response bodies of the API, and how store rows become them. Pydantic only: importing this
+module must not pull in torch (core.store does)."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pydantic import BaseModel
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def iso(dt: datetime | None) -> str | None:
+    """ISO 8601 in UTC (SQLite gives naive datetimes back; they were written in UTC)."""
+    if dt is None:
+        return None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).isoformat()
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str
+    status: str
+    phase: str
+    step: int
+    total: int
+    progress: float
+    eta_seconds: float | None
+    error: JobError | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    spec: dict
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    id: int
+    time: str | None
+    kind: str
+    message: str
+    name: str | None
+    step: int | None
+    value: float | None
+
+
+class EventList(BaseModel):
+    events: list[EventOut]
+    next_after: int
+
+
+class TaskScore(BaseModel):
+    method: str
+    task: str
+    metric: str
+    mean: float
+    std: float
+    relative_gain: float | None
+
+
+class RunScore(BaseModel):
+    method: str
+    task: str
+    seed: int
+    lr: float
+    dev: float
+    test: float | None
+    metric: str
+    best_step: int
+    steps: int
+
+
+class Results(BaseModel):
+    tasks: list[TaskScore]
+    arg: dict[str, float]
+    scores: list[RunScore]
+
+
+class PromptInfo(BaseModel):
+    id: str
+    job_id: str
+    name: str
+    backbone: str
+    algorithm: str
+    task: str | None
+    seed: int | None
+    shape: list[int]
+    dtype: str
+    sha256: str
+    created_at: str | None
+
+
+class PromptList(BaseModel):
+    prompts: list[PromptInfo]
+
+
+class TaskOut(BaseModel):
+    id: str
+    name: str
+    type: str
+    metric: str
+    options: list[str] | None
+    format: str
+    examples: int
+    files: list[str]
+    created_at: str | None
+
+
+class PackOut(BaseModel):
+    name: str
+    type: str
+    metric: str
+    options: list[str] | None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskOut]
+    packs: list[PackOut]
+
+
+def job_out(job, step: int, total: int) -> JobOut:
+    progress = 1.0 if job.status == "succeeded" else (step / total if total else 0.0)
+    eta = None
+    if job.status == "running" and job.started_at is not None and 0 < progress < 1:
+        start = job.started_at if job.started_at.tzinfo else job.started_at.replace(tzinfo=timezone.utc)
+        elapsed = (datetime.now(timezone.utc) - start).total_seconds()
+        eta = round(elapsed * (1 - progress) / progress, 1)
+    error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    return JobOut(id=job.id, name=job.name, status=job.status, phase=job.phase, step=step, total=total,
+                  progress=progress, eta_seconds=eta, error=error, created_at=iso(job.created_at),
+                  started_at=iso(job.started_at), finished_at=iso(job.finished_at), spec=job.spec)
+
+
+def event_out(e) -> EventOut:
+    return EventOut(id=e.id, time=iso(e.time), kind=e.kind, message=e.message, name=e.name, step=e.step,
+                    value=e.value)
+
+
+def prompt_info(p) -> PromptInfo:
+    return PromptInfo(id=p.id, job_id=p.job_id, name=p.name, backbone=p.backbone, algorithm=p.algorithm,
+                      task=p.task, seed=p.seed, shape=p.shape, dtype=p.dtype, sha256=p.sha256,
+                      created_at=iso(p.created_at))
+
+
+def task_out(t) -> TaskOut:
+    return TaskOut(id=t.id, name=t.name, type=t.type, metric=t.metric, options=t.options, format=t.format,
+                   examples=t.examples, files=sorted(t.files), created_at=iso(t.created_at))

@@ -1,0 +1,239 @@
+"""The service end to end: a real uvicorn API, a real Celery worker process, real Postgres and
+Redis, real HTTP. The backbone is the tiny random Llama; the task data is real (SMS spam and
+TREC from their PyPI packs)."""
+import hashlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from core.prompts import prompt_from_bytes
+
+REDIS_BROKER, REDIS_RESULTS = 5, 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spec(name="svc", steps=6, **upstream):
+    return {"name": name, "backbone": "tiny", "prompt": {"length": 3}, "targets": ["sms_spam"],
+            "upstream": {"sources": ["trec_coarse", "disaster_tweets"], "methods": ["maml"], "steps": steps,
+                         "optimizer": "adamw", "outer_lr": 0.05, "inner_lr": 0.1, "seeds": [100],
+                         "checkpoint_every": 2, **upstream},
+            "downstream": {"seeds": [100, 13], "lrs": [0.05, 0.1], "max_steps": 4, "eval_every": 2,
+                           "optimizer": "adamw", "batch_size": 2, "max_test_examples": 20}}
+
+
+class Service:
+    def __init__(self, env, url, store):
+        self.env, self.url, self.store, self.workers = env, url, store, []
+        self.api = None
+
+    def start_worker(self):
+        proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q",
+                                 "upstream,downstream", "--concurrency", "1", "--loglevel", "info",
+                                 "-n", f"w{len(self.workers)}@%h"],
+                                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # its own process group: SIGKILL takes its children too
+        self.workers.append(proc)
+        return proc
+
+    def kill(self, proc, sig=signal.SIGKILL):
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=30)
+
+    def client(self, secret):
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+
+    def wait(self, http, job_id, until=("succeeded", "failed", "cancelled"), timeout=240, check=None):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = http.get(f"/jobs/{job_id}").json()
+            if job["status"] in until and (check is None or check(job)):
+                return job
+            time.sleep(0.5)
+        raise AssertionError(f"job {job_id} still {job['status']} ({job['phase']} {job['step']}/{job['total']}) "
+                             f"after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    import redis
+    from sqlalchemy import create_engine, text
+
+    from core.store import Store
+    from tests import tiny
+    from tests.conftest import PG_ADMIN
+
+    root = tmp_path_factory.mktemp("service")
+    model = tiny.save("causal", root / "tiny")
+    name = f"primer_service_{os.getpid()}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    for db in (REDIS_BROKER, REDIS_RESULTS):
+        redis.Redis(db=db).flushdb()
+    env = os.environ | {
+        "PRIMER_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+        "PRIMER_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_BROKER}",
+        "PRIMER_RESULT_BACKEND": f"redis://127.0.0.1:6379/{REDIS_RESULTS}",
+        "PRIMER_BACKBONES": f"tiny={model}",
+        "PRIMER_VISIBILITY_TIMEOUT": "15",  # a killed worker's task goes to another after 15 s
+        "PRIMER_MAX_UPLOAD_BYTES": "100000",
+    }
+    store = Store(env["PRIMER_DATABASE_URL"])
+    store.upgrade()
+    port = free_port()
+    svc = Service(env, f"http://127.0.0.1:{port}", store)
+    svc.api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
+                                "--port", str(port), "--log-level", "warning"], env=env)
+    svc.start_worker()
+    for _ in range(100):
+        try:
+            if httpx.get(f"{svc.url}/healthz").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    yield svc
+    for proc in svc.workers:
+        if proc.poll() is None:
+            svc.kill(proc, signal.SIGTERM)
+    svc.api.terminate()
+    svc.api.wait(timeout=30)
+    store.engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def done_job(service):
+    """One undisturbed job, run to the end."""
+    _, secret = service.store.create_key("alice")
+    http = service.client(secret)
+    r = http.post("/jobs", json=spec())
+    assert r.status_code == 202, r.text
+    job = service.wait(http, r.json()["id"])
+    assert job["status"] == "succeeded", job
+    return http, job
+
+
+def test_a_job_runs_over_http_to_the_results_the_library_gets(service, done_job):
+    from core import jobs
+    from core.experiment import run
+    from core.spec import parse_spec
+
+    http, job = done_job
+    assert job["step"] == job["total"] == 6 + 2 * 2 * 2 * 4 and job["progress"] == 1.0
+    results = http.get(f"/jobs/{job['id']}/results").json()
+    assert {r["method"] for r in results["tasks"]} == {"pt", "maml"} and set(results["arg"]) == {"maml"}
+    assert len(results["scores"]) == 2 * 2 * 2  # methods x seeds x lrs, each once
+
+    # The same spec run in-process by core.experiment gives the same numbers.
+    os.environ["PRIMER_BACKBONES"] = service.env["PRIMER_BACKBONES"]
+    from core.settings import settings
+
+    settings.cache_clear()
+    try:
+        local = run(jobs.materialize(service.store, "nobody", parse_spec(spec())))
+    finally:
+        del os.environ["PRIMER_BACKBONES"]
+        settings.cache_clear()
+    served = {(r["task"], r["method"]): r for r in results["tasks"]}
+    for method in ("pt", "maml"):
+        assert served[("sms_spam", method)]["mean"] == pytest.approx(local.tasks["sms_spam"][method].mean, abs=1e-9)
+    assert results["arg"]["maml"] == pytest.approx(local.arg()["maml"], abs=1e-6)
+
+    report = http.get(f"/jobs/{job['id']}/report")
+    assert report.status_code == 200 and "text/html" in report.headers["content-type"]
+    assert 'alt="relative_gain.png"' in report.text and "sms_spam" in report.text
+    assert http.get(f"/jobs/{job['id']}/artifacts/relative_gain.png").content.startswith(b"\x89PNG")
+
+
+def test_the_learned_prompt_downloads_in_every_format(service, done_job):
+    http, job = done_job
+    prompts = {p["name"]: p for p in http.get("/prompts", params={"job": job["id"]}).json()["prompts"]}
+    init = prompts["init/maml"]
+    assert init["shape"] == [3, 32] and init["algorithm"] == "maml"
+    raw = http.get(f"/prompts/{init['id']}")
+    assert raw.status_code == 200 and hashlib.sha256(raw.content).hexdigest() == init["sha256"]
+    tensor = prompt_from_bytes(raw.content)
+    stored = service.store.prompt_tensor(service.store.get_prompt(init["id"]))
+    assert torch.equal(tensor, stored)
+    pt = torch.load(io.BytesIO(http.get(f"/prompts/{init['id']}", params={"format": "pt"}).content), weights_only=True)
+    assert torch.equal(pt["prompt"], tensor)
+    npy = np.load(io.BytesIO(http.get(f"/prompts/{init['id']}", params={"format": "npy"}).content))
+    assert np.array_equal(npy, tensor.numpy())
+    peft = zipfile.ZipFile(io.BytesIO(http.get(f"/prompts/{init['id']}", params={"format": "peft"}).content))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {n.split("/")[-1] for n in peft.namelist()}
+
+
+def test_requests_are_checked_over_real_http(service, done_job):
+    http, job = done_job
+    assert httpx.get(f"{service.url}/jobs/{job['id']}").status_code == 401
+    _, other = service.store.create_key("bob")
+    assert service.client(other).get(f"/jobs/{job['id']}").status_code == 404
+    before = len(service.store.list_jobs()[0])
+    r = http.post("/jobs", json=spec() | {"targets": ["sms_spamm"]})
+    assert r.status_code == 422 and "unknown task 'sms_spamm'; accepted: bbc_news_topic" in r.text
+    r = http.post("/jobs", json=spec() | {"backbone": "/etc"})
+    assert r.status_code == 422 and "accepted: tiny" in r.text
+    r = http.post("/tasks", data={"name": "big", "type": "classification"},
+                  files={"files": ("task.jsonl", b'{"input": "x", "output": "y"}\n' * 20000)})
+    assert r.status_code == 413
+    assert len(service.store.list_jobs()[0]) == before and not service.store.list_tasks()
+
+    first = http.post("/jobs", json=spec("idem", steps=2), headers={"Idempotency-Key": "k1"})
+    again = http.post("/jobs", json=spec("idem", steps=2), headers={"Idempotency-Key": "k1"})
+    assert first.status_code == 202 and again.json()["id"] == first.json()["id"]
+    conflict = http.post("/jobs", json=spec("idem", steps=3), headers={"Idempotency-Key": "k1"})
+    assert conflict.status_code == 409 and first.json()["id"] in conflict.text
+    service.wait(http, first.json()["id"])
+
+
+def test_cancelling_a_running_job_stops_it_within_a_few_steps(service):
+    _, secret = service.store.create_key("carol")
+    http = service.client(secret)
+    job_id = http.post("/jobs", json=spec("long", steps=100_000)).json()["id"]
+    running = service.wait(http, job_id, until=("running",), check=lambda j: j["step"] >= 3)
+    cancelled = http.post(f"/jobs/{job_id}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    time.sleep(4)
+    settled = http.get(f"/jobs/{job_id}").json()
+    time.sleep(3)
+    later = http.get(f"/jobs/{job_id}").json()
+    assert later["status"] == "cancelled" and later["step"] == settled["step"]  # nothing moves any more
+    assert settled["step"] < running["step"] + 200  # the worker stopped at its next check (1 s)
+    # and the worker is free for the next job
+    nxt = http.post("/jobs", json=spec("after-cancel", steps=2)).json()["id"]
+    assert service.wait(http, nxt)["status"] == "succeeded"
+
+
+def test_a_worker_killed_mid_job_leaves_the_job_to_the_next_worker(service, done_job):
+    http, undisturbed = done_job
+    job_id = http.post("/jobs", json=spec("killed", steps=6)).json()["id"]  # the done job's spec, renamed
+    service.wait(http, job_id, until=("running",), check=lambda j: j["step"] >= 3)
+    service.kill(service.workers[-1])  # SIGKILL, mid upstream
+    service.start_worker()
+    job = service.wait(http, job_id, timeout=300)
+    assert job["status"] == "succeeded", job
+
+    def prompts(jid):
+        return {p["name"]: p["sha256"] for p in http.get("/prompts", params={"job": jid}).json()["prompts"]}
+
+    assert prompts(job_id) == prompts(undisturbed["id"])  # the same final prompts, bit for bit
+    scores = service.store.scores(job_id)
+    assert len(scores) == len({(s.method, s.task, s.seed, s.lr) for s in scores}) == 8
