@@ -159,10 +159,6 @@ def data_build(names: list[str] = typer.Argument(None, help="pack tasks (default
             fail(str(e))
 
 
-if __name__ == "__main__":
-    app()
-
-
 # --- the service -------------------------------------------------------------------------------
 def _store():
     from core.settings import settings
@@ -275,6 +271,7 @@ def submit(spec: Path = typer.Argument(..., help="job spec (YAML)"),
             error = job.get("error") or {}
             fail(f"job {job['id']} {job['status']}: {error.get('message', '')}".rstrip(": "))
         typer.echo(_results_table(client.results(job["id"])))
+        typer.echo(f"report: {str(client.http.base_url).rstrip('/')}/jobs/{job['id']}/report (send the API key)")
         if download:
             download.mkdir(parents=True, exist_ok=True)
             for p in client.prompts(job["id"]):
@@ -342,3 +339,7 @@ def keys_revoke(key_id: str):
     if not _store().revoke_key(key_id):
         fail(f"no active key {key_id!r}; see `primer keys list`")
     typer.echo(f"{key_id} revoked")
+
+
+if __name__ == "__main__":
+    app()

@@ -136,9 +136,9 @@ class Cancelled(Exception):
 
 
 class Reporter:
-    """A progress callback for one unit of work: writes its step to the store and checks for
-    cancellation at most every `every` seconds, and records metric points (losses, dev scores)
-    as events."""
+    """A progress callback for one unit of work: checks for cancellation at every step (one
+    indexed read), writes its step to the store at most every `every` seconds, and records
+    metric points (losses, dev scores) as events."""
 
     def __init__(self, store, job_id: str, unit: str, every: float = 1.0):
         self.store, self.job_id, self.unit, self.every = store, job_id, unit, every
@@ -150,13 +150,15 @@ class Reporter:
         step = event.get("step", 0)
         if "dev" in event:
             self.store.add_event(self.job_id, kind="metric", name=f"{self.unit}/dev", step=step, value=event["dev"])
+        if self.store.is_cancelled(self.job_id):
+            self.store.progress(self.job_id, self.unit, step)
+            self.store.add_event(self.job_id, f"{self.unit} stopped at step {step}: cancelled", step=step)
+            raise Cancelled(self.job_id)
         if time.monotonic() - self.last >= self.every:
             self.last = time.monotonic()
             if "loss" in event:
                 self.store.add_event(self.job_id, kind="metric", name=f"{self.unit}/loss", step=step, value=event["loss"])
             self.store.progress(self.job_id, self.unit, step)
-            if self.store.is_cancelled(self.job_id):
-                raise Cancelled(self.job_id)
 
 
 class UnitRouter:

@@ -153,3 +153,19 @@ def test_a_spec_can_name_a_partition_for_its_sources_and_targets():
     assert len(cls12.train) == 12 and len(cls24.train) == 24 and cls12.test == cls24.test  # the paper's subsets
     with pytest.raises(SpecError, match="targets: unknown partition 'cls13'; valid partitions: random, cls2cls"):
         parse_spec({"name": "x", "backbone": "smollm2-135m", "targets": {"partition": "cls13"}})
+
+
+def test_the_names_a_spec_accepts_are_the_registries_that_implement_them():
+    from core.algorithms.upstream import ALGORITHMS
+    from core.names import ALGORITHM_NAMES, INIT_NAMES
+    from core.prompts import INITS
+
+    assert tuple(ALGORITHMS) == ALGORITHM_NAMES and tuple(INITS) == INIT_NAMES
+
+
+def test_the_api_starts_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, api.app; api.app.create_app; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

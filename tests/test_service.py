@@ -207,16 +207,19 @@ def test_requests_are_checked_over_real_http(service, done_job):
 def test_cancelling_a_running_job_stops_it_within_a_few_steps(service):
     _, secret = service.store.create_key("carol")
     http = service.client(secret)
-    job_id = http.post("/jobs", json=spec("long", steps=100_000)).json()["id"]
-    running = service.wait(http, job_id, until=("running",), check=lambda j: j["step"] >= 3)
-    cancelled = http.post(f"/jobs/{job_id}/cancel").json()
-    assert cancelled["status"] == "cancelled"
-    time.sleep(4)
-    settled = http.get(f"/jobs/{job_id}").json()
-    time.sleep(3)
-    later = http.get(f"/jobs/{job_id}").json()
-    assert later["status"] == "cancelled" and later["step"] == settled["step"]  # nothing moves any more
-    assert settled["step"] < running["step"] + 200  # the worker stopped at its next check (1 s)
+    # Reptile with 40 inner steps: an outer step takes long enough to count steps from outside
+    slow = spec("long", steps=100_000, methods=["reptile"], per_method={"reptile": {"inner_steps": 40}})
+    job_id = http.post("/jobs", json=slow).json()["id"]
+    running = service.wait(http, job_id, until=("running",), check=lambda j: j["step"] >= 2)
+    assert http.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while not any("stopped at step" in e["message"] for e in http.get(f"/jobs/{job_id}/events").json()["events"]):
+        assert time.monotonic() < deadline, "the worker did not stop"
+        time.sleep(0.2)
+    stopped = http.get(f"/jobs/{job_id}").json()
+    assert stopped["status"] == "cancelled" and stopped["step"] - running["step"] <= 5
+    time.sleep(2)
+    assert http.get(f"/jobs/{job_id}").json()["step"] == stopped["step"]  # nothing moves any more
     # and the worker is free for the next job
     nxt = http.post("/jobs", json=spec("after-cancel", steps=2)).json()["id"]
     assert service.wait(http, nxt)["status"] == "succeeded"
@@ -237,3 +240,41 @@ def test_a_worker_killed_mid_job_leaves_the_job_to_the_next_worker(service, done
     assert prompts(job_id) == prompts(undisturbed["id"])  # the same final prompts, bit for bit
     scores = service.store.scores(job_id)
     assert len(scores) == len({(s.method, s.task, s.seed, s.lr) for s in scores}) == 8
+
+
+def test_primer_serve_needs_no_settings_and_primer_submit_follows_a_job(tmp_path, tiny_dir):
+    """The embedded default: SQLite store, SQLite broker, one worker, an admin key for the client."""
+    import yaml
+
+    from core.settings import settings
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "dists").symlink_to(settings().cache_dir / "dists")  # the fetched datasets, not refetched
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIMER_")} | {
+        "PRIMER_CACHE_DIR": str(cache), "PRIMER_BACKBONES": f"tiny={tiny_dir['causal']}",
+        "PRIMER_API_URL": f"http://127.0.0.1:{port}"}
+    serve = subprocess.Popen([sys.executable, "-m", "core.cli", "serve", "--port", str(port)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for _ in range(150):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec("embedded", steps=2)))
+        done = subprocess.run([sys.executable, "-m", "core.cli", "submit", str(tmp_path / "job.yaml"), "--wait",
+                               "--download", str(tmp_path / "prompts")], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "succeeded" in done.stdout and "| sms_spam |" in done.stdout and "| **ARG** | - |" in done.stdout
+        assert sorted(p.name for p in (tmp_path / "prompts").iterdir()) == ["init.maml.safetensors", "init.pt.safetensors"]
+        assert (cache / "primer.db").exists() and (cache / "broker.db").exists() and (cache / "api_key").exists()
+        listed = subprocess.run([sys.executable, "-m", "core.cli", "jobs", "list"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert "succeeded" in listed.stdout and "embedded" in listed.stdout
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
