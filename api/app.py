@@ -99,10 +99,9 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
                broker_ping: Callable[[], object] | None = None) -> FastAPI:
     from core import jobs as core_jobs
     from core.spec import SpecError
-    from core.store import IdempotencyConflict, Store, StoreError
+    from core.store import IdempotencyConflict, Store, StoreError, TaskExists
     from core.tasks import catalog, packs, readers
     from core.tasks.base import TaskError, TaskInfo
-    from sqlalchemy.exc import IntegrityError
 
     own_store = store is None
     store = Store(settings().db_url()) if own_store else store
@@ -187,8 +186,8 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
             raise HTTPException(404, f"no prompt {prompt_id!r}")
         return row
 
-    def view(job) -> S.JobOut:
-        return S.job_out(job, *store.job_progress(job.id))
+    def view(job, progress: tuple[int, int] | None = None) -> S.JobOut:
+        return S.job_out(job, *(progress or store.job_progress(job.id)))
 
     # --- service ------------------------------------------------------------------------------
     @app.get("/healthz", tags=["service"])
@@ -241,8 +240,6 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
             spec = core_jobs.check(body, store, key.id)
         except SpecError as e:
             raise HTTPException(422, [{"loc": list(loc), "msg": msg} for loc, msg in e.errors]) from None
-        if len(spec.name) > 200:
-            raise unprocessable(["name"], f"a job name is at most 200 characters, got {len(spec.name)}")
         try:
             job, created = store.create_job(owner=key.id, name=spec.name, spec=spec.model_dump(mode="json"),
                                             spec_hash=core_jobs.spec_hash(body), units=core_jobs.units(spec),
@@ -266,15 +263,13 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
     @app.get("/jobs", response_model=S.JobList, tags=["jobs"])
     def list_jobs(key=Depends(auth), status: Literal[STATUSES] | None = None, cursor: str | None = None,
                   limit: int = Query(50, ge=1, le=200)):
-        bad_cursor = unprocessable(["query", "cursor"], f"cursor {cursor!r} is not the next_cursor of an earlier "
-                                                        "page; start without a cursor")
-        if cursor is not None and store.get_job(cursor, owner(key)) is None:
-            raise bad_cursor
         try:
             rows, next_cursor = store.list_jobs(owner(key), status, cursor, limit)
-        except KeyError:
-            raise bad_cursor from None
-        return S.JobList(jobs=[view(j) for j in rows], next_cursor=next_cursor)
+        except KeyError:  # an unknown id, or another key's job
+            raise unprocessable(["query", "cursor"], f"cursor {cursor!r} is not the next_cursor of an earlier page; "
+                                                     "start without a cursor") from None
+        progress = store.job_progress_many(j.id for j in rows)
+        return S.JobList(jobs=[view(j, progress[j.id]) for j in rows], next_cursor=next_cursor)
 
     @app.get("/jobs/{job_id}", response_model=S.JobOut, tags=["jobs"])
     def get_job(job_id: str, key=Depends(auth)):
@@ -517,7 +512,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
         try:
             row = store.save_task(key.id, name, info.type, info.metric, list(info.options) if info.options else None,
                                   fmt, examples=examples, files=files)
-        except IntegrityError:  # a concurrent upload of the same name won the race
+        except TaskExists:  # a concurrent upload of the same name won the race
             raise HTTPException(409, f"you already have a task named {name!r}; pick another name") from None
         return S.task_out(row)
 

@@ -224,7 +224,7 @@ class SweepSpec(Strict):
 
 
 class JobSpec(Strict):
-    name: str = "primer-job"
+    name: str = Field("primer-job", max_length=200)  # the jobs.name column is String(200)
     backbone: str = "smollm2-135m"
     prompt: PromptSpec = Field(default_factory=PromptSpec)
     targets: list[TaskRef] = Field(min_length=1)

@@ -107,6 +107,7 @@ def test_idempotency_key_replays_the_job_and_refuses_another_body(api):
 @pytest.mark.parametrize("body, loc, message", [
     ({**SPEC, "prompt": {"length": 0}}, ["prompt", "length"], "greater than or equal to 1"),
     ({**SPEC, "colour": "red"}, ["colour"], "Extra inputs are not permitted"),
+    ({**SPEC, "name": "x" * 201}, ["name"], "at most 200 characters"),
     ({**SPEC, "targets": ["sms_spamm"]}, ["targets", 0, "name"], "unknown task 'sms_spamm'; accepted: "
                                                                   + ", ".join(sorted(packs.PACKS))),
     ({**SPEC, "backbone": "gpt5"}, ["backbone"], "backbone 'gpt5' is not served here; accepted: smollm2-135m, tiny"),

@@ -90,7 +90,7 @@ def service(tmp_path_factory):
         "PRIMER_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
         "PRIMER_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_BROKER}",
         "PRIMER_RESULT_BACKEND": f"redis://127.0.0.1:6379/{REDIS_RESULTS}",
-        "PRIMER_BACKBONES": f"tiny={model}",
+        "PRIMER_BACKBONES": f"tiny={model},gone={root / 'deleted-model'}",  # gone: an operator's mistake
         "PRIMER_VISIBILITY_TIMEOUT": "15",  # a killed worker's task goes to another after 15 s
         "PRIMER_MAX_UPLOAD_BYTES": "100000",
     }
@@ -202,6 +202,16 @@ def test_requests_are_checked_over_real_http(service, done_job):
     conflict = http.post("/jobs", json=spec("idem", steps=3), headers={"Idempotency-Key": "k1"})
     assert conflict.status_code == 409 and first.json()["id"] in conflict.text
     service.wait(http, first.json()["id"])
+
+
+def test_a_job_that_fails_in_the_worker_ends_failed_with_the_reason(service):
+    _, secret = service.store.create_key("dave")
+    http = service.client(secret)
+    job_id = http.post("/jobs", json=spec("broken") | {"backbone": "gone"}).json()["id"]
+    job = service.wait(http, job_id, timeout=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "backbone_unavailable"
+    assert "deleted-model" in job["error"]["message"]
+    assert any("failed" in e["message"] for e in http.get(f"/jobs/{job_id}/events").json()["events"])
 
 
 def test_cancelling_a_running_job_stops_it_within_a_few_steps(service):

@@ -21,9 +21,11 @@ def store():
 
 
 def _fail(job_id: str, error: Exception) -> None:
+    from core.backbones import BackboneError
     from core.tasks import TaskError
 
-    code = "invalid_task" if isinstance(error, TaskError) else "internal"
+    code = ("invalid_task" if isinstance(error, TaskError) else
+            "backbone_unavailable" if isinstance(error, BackboneError) else "internal")
     message = f"{type(error).__name__}: {error}"
     store().add_event(job_id, f"failed: {message}")
     store().set_status(job_id, "failed", phase="failed", error_code=code, error_message=message)

@@ -13,7 +13,7 @@ import secrets
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import case, create_engine, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -35,6 +35,14 @@ class IdempotencyConflict(Exception):
     def __init__(self, job_id: str):
         super().__init__(job_id)
         self.job_id = job_id
+
+
+class TaskExists(Exception):
+    """The owner already has an uploaded task of that name."""
+
+    def __init__(self, owner: str, name: str):
+        super().__init__(f"{owner} already has a task named {name!r}")
+        self.owner, self.name = owner, name
 
 
 def new_id(prefix: str) -> str:
@@ -152,7 +160,8 @@ class Store:
 
     def list_jobs(self, owner: str | None = None, status: str | None = None, cursor: str | None = None,
                   limit: int = 50) -> tuple[list[Job], str | None]:
-        """Newest first; `cursor` is the last id of the previous page. Returns (jobs, next cursor)."""
+        """Newest first; `cursor` is the last id of the previous page. Returns (jobs, next cursor).
+        KeyError if the cursor is not a job of `owner` (an unknown id, or someone else's job)."""
         q = select(Job)
         if owner is not None:
             q = q.where(Job.owner == owner)
@@ -161,7 +170,7 @@ class Store:
         with self.session() as s:
             if cursor is not None:
                 last = s.get(Job, cursor)
-                if last is None:
+                if last is None or (owner is not None and last.owner != owner):
                     raise KeyError(cursor)
                 q = q.where((Job.created_at < last.created_at)
                             | ((Job.created_at == last.created_at) & (Job.id < last.id)))
@@ -184,13 +193,15 @@ class Store:
             values.update(error_code=error_code, error_message=error_message)
         with self.session.begin() as s:
             q = update(Job).where(Job.id == job_id, Job.status.not_in(TERMINAL)).values(**values)
-            if status == "running":  # started_at: the first time only
-                s.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None)).values(started_at=now()))
+            if status == "running":  # started_at: the first time only, and never on a finished job
+                s.execute(update(Job).where(Job.id == job_id, Job.started_at.is_(None), Job.status.not_in(TERMINAL))
+                          .values(started_at=now()))
             return s.execute(q).rowcount > 0
 
     def set_phase(self, job_id: str, phase: str) -> None:
         with self.session.begin() as s:
-            s.execute(update(Job).where(Job.id == job_id).values(phase=phase, heartbeat_at=now()))
+            s.execute(update(Job).where(Job.id == job_id, Job.status.not_in(TERMINAL))
+                      .values(phase=phase, heartbeat_at=now()))
 
     def request_cancel(self, job_id: str) -> Job | None:
         """Mark the job cancelled (workers stop at their next step); a finished job is left as it is."""
@@ -211,9 +222,19 @@ class Store:
 
     def job_progress(self, job_id: str) -> tuple[int, int]:
         """(steps done, steps in all) over the job's units; a finished unit counts in full."""
+        return self.job_progress_many([job_id])[job_id]
+
+    def job_progress_many(self, job_ids) -> dict[str, tuple[int, int]]:
+        """job_progress of each job in one query, so a page of jobs is one round trip."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        steps = case((JobUnit.done, JobUnit.total), (JobUnit.step < JobUnit.total, JobUnit.step), else_=JobUnit.total)
+        q = (select(JobUnit.job_id, func.sum(steps), func.sum(JobUnit.total))
+             .where(JobUnit.job_id.in_(ids)).group_by(JobUnit.job_id))
         with self.session() as s:
-            rows = s.execute(select(JobUnit.step, JobUnit.total, JobUnit.done).where(JobUnit.job_id == job_id)).all()
-        return sum(t if d else min(st, t) for st, t, d in rows), sum(t for _, t, _ in rows)
+            found = {job_id: (int(step), int(total)) for job_id, step, total in s.execute(q)}
+        return {job_id: found.get(job_id, (0, 0)) for job_id in ids}
 
     # --- events ---------------------------------------------------------------------------------
     def add_event(self, job_id: str, message: str = "", kind: str = "log", name: str | None = None,
@@ -242,7 +263,10 @@ class Store:
                 s.add(row)
         except IntegrityError:
             with self.session() as s:
-                return s.scalar(select(Prompt).where(Prompt.job_id == job.id, Prompt.name == name))
+                found = s.scalar(select(Prompt).where(Prompt.job_id == job.id, Prompt.name == name))
+            if found is None:  # not the (job, name) constraint: a real error
+                raise
+            return found
         return row
 
     def get_prompt(self, prompt_id: str, owner: str | None = None) -> Prompt | None:
@@ -279,6 +303,8 @@ class Store:
             with self.session.begin() as s:
                 s.add(Score(**fields))
         except IntegrityError:
+            if self.get_score(*(fields.get(f) for f in ("job_id", "method", "task", "seed", "lr"))) is None:
+                raise  # not a redelivery: a missing field or job
             return False
         return True
 
@@ -331,13 +357,19 @@ class Store:
     # --- uploaded tasks -------------------------------------------------------------------------
     def save_task(self, owner: str, name: str, type: str, metric: str, options: list[str] | None, format: str,
                   examples: int, files: dict[str, bytes]) -> UploadedTask:
+        """Store an uploaded task and its files; TaskExists if the owner has a task of that name."""
         row = UploadedTask(id=new_id("task"), owner=owner, name=name, type=type, metric=metric, options=options,
                            format=format, examples=examples,
                            files={f: hashlib.sha256(d).hexdigest() for f, d in files.items()})
-        with self.session.begin() as s:  # IntegrityError if the owner has a task of that name
-            s.add(row)
-            s.flush()
-            s.add_all(TaskFile(task_id=row.id, filename=f, data=d) for f, d in files.items())
+        try:
+            with self.session.begin() as s:
+                s.add(row)
+                s.flush()
+                s.add_all(TaskFile(task_id=row.id, filename=f, data=d) for f, d in files.items())
+        except IntegrityError:
+            if self.get_task(owner, name) is not None:
+                raise TaskExists(owner, name) from None
+            raise
         return row
 
     def get_task(self, owner: str, name: str) -> UploadedTask | None:
