@@ -21,7 +21,7 @@ from core.algorithms.finetune import finetune
 from core.algorithms.pt import RunResult, TaskResult, TrainConfig, prompt_tune, train_prompt
 from core.algorithms.upstream import UpstreamConfig, UpstreamResult, meta_train
 from core.backbones.soft_prompt import SoftPromptModel
-from core.metrics import arg, relative_gain
+from core.metrics import arg, arg_interval, relative_gain
 from core.prompts import init_prompt
 from core.settings import settings
 from core.similarity import Selection, select_top_k, task_prompt
@@ -97,6 +97,11 @@ class Results:
     def arg(self) -> dict[str, float]:
         return {m: arg(g) for m, g in self.gains().items()}
 
+    def arg_intervals(self) -> dict[str, tuple[float, float]]:
+        """95% bootstrap interval of each method's ARG over target tasks and split seeds."""
+        scores = lambda m: {t: {r.seed: r.test for r in per[m].best} for t, per in self.tasks.items()}  # noqa: E731
+        return {m: arg_interval(scores(m), scores("pt")) for m in self.gains()}
+
     def to_dict(self) -> dict:
         return {
             "name": self.spec.name,
@@ -107,6 +112,7 @@ class Results:
             "tasks": {t: {m: r.summary() for m, r in methods.items()} for t, methods in self.tasks.items()},
             "relative_gain": self.gains(),
             "arg": self.arg(),
+            "arg_95ci": self.arg_intervals(),
             "upstream": {m: {"steps": u.steps, "seconds": round(u.seconds, 1), "curve": u.curve}
                          for m, u in self.upstream.items()},
             "source_selection": asdict(self.selection) if self.selection else None,

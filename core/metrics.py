@@ -248,3 +248,29 @@ def arg(gains: Mapping[str, float] | Iterable[float]) -> float:
     if not values:
         raise ValueError("ARG needs the relative gain of at least one task")
     return 100.0 * float(np.mean(values))
+
+
+def arg_interval(method: Mapping[str, Mapping[int, float]], pt: Mapping[str, Mapping[int, float]],
+                 samples: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval for ARG over tasks and split seeds (in percent).
+
+    `method` and `pt` map task -> split seed -> test score. Each resample draws the target tasks
+    with replacement, then, within each drawn task, its seeds with replacement (the same seeds
+    for the method and PT: they share the split); ARG is recomputed on the resample and the
+    interval is the percentile interval of those ARGs.
+    """
+    rng = np.random.default_rng(seed)
+    tasks = list(method)
+    # per task: the gain of every resample of its seeds, shape (len(tasks), samples)
+    gains = np.empty((len(tasks), samples))
+    for i, t in enumerate(tasks):
+        seeds = sorted(method[t])
+        m, p = np.array([method[t][s] for s in seeds]), np.array([pt[t][s] for s in seeds])
+        drawn = rng.integers(0, len(seeds), (samples, len(seeds)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gains[i] = (m[drawn].mean(1) - p[drawn].mean(1)) / p[drawn].mean(1)
+    picked = rng.integers(0, len(tasks), (samples, len(tasks)))  # the tasks of each resample
+    args = 100.0 * gains[picked, np.arange(samples)[:, None]].mean(1)
+    args = args[np.isfinite(args)]
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(args, tail)), float(np.percentile(args, 100 - tail))

@@ -26,11 +26,14 @@ def markdown(results: Results) -> str:
             lines.append(f"| {c['cluster']} | {c['size']} | {c['labels']} | {example[:80]} |")
         lines += [""]
     if len(spec.methods) > 1:
-        args = results.arg()
-        lines += ["## ARG over plain prompt tuning", "", "| method | ARG (%) | upstream steps | upstream min |",
-                  "|---|---|---|---|"]
-        lines += [f"| {m} | {args[m]:+.2f} | {u.steps} | {u.seconds / 60:.1f} |" for m, u in results.upstream.items()]
-        lines += [f"| ft | {args['ft']:+.2f} | — | — |"] if "ft" in args else []
+        args, ci = results.arg(), results.arg_intervals()
+        lines += ["## ARG over plain prompt tuning", "",
+                  "| method | ARG (%) | 95% bootstrap CI (tasks × seeds) | upstream steps | upstream min |",
+                  "|---|---|---|---|---|"]
+        interval = lambda m: f"[{ci[m][0]:+.2f}, {ci[m][1]:+.2f}]"  # noqa: E731
+        lines += [f"| {m} | {args[m]:+.2f} | {interval(m)} | {u.steps} | {u.seconds / 60:.1f} |"
+                  for m, u in results.upstream.items()]
+        lines += [f"| ft | {args['ft']:+.2f} | {interval('ft')} | — | — |"] if "ft" in args else []
         lines += ["", "## Per target task", ""]
     gains = results.gains()
     lines += ["| task | method | metric | test (mean ± std) | rel. gain | per seed: test @ lr (dev at step 0 → best dev, step) |",

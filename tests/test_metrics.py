@@ -228,3 +228,18 @@ def test_arg_is_the_mean_gain_in_percent():
     assert arg([0.1, 0.3]) == pytest.approx(20.0)
     with pytest.raises(ValueError, match="at least one task"):
         arg({})
+
+
+def test_arg_interval_bootstraps_over_tasks_and_seeds():
+    from core.metrics import arg_interval
+
+    pt = {"a": {100: 0.5, 13: 0.6, 21: 0.7}, "b": {100: 0.4, 13: 0.4, 21: 0.4}}
+    same = arg_interval(pt, pt)
+    assert same == (0.0, 0.0)  # no difference in any resample
+    better = {"a": {s: v + 0.1 for s, v in pt["a"].items()}, "b": {100: 0.4, 13: 0.6, 21: 0.5}}
+    lo, hi = arg_interval(better, pt)
+    point = arg({"a": 0.1 / 0.6, "b": 0.1 / 0.4})
+    assert 0 < lo < point < hi  # the interval holds the point estimate and excludes 0
+    # the extremes a resample can reach: task b on seed 100 only (+0%) and on seed 13 only (+50%)
+    assert 0 <= lo and hi <= 50.0 + 1e-9
+    assert arg_interval(better, pt) == (lo, hi)  # seeded: the same interval every time
