@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,8 +146,6 @@ class Reporter:
         self.last = 0.0
 
     def __call__(self, event: dict) -> None:
-        import time
-
         step = event.get("step", 0)
         if "dev" in event:
             self.store.add_event(self.job_id, kind="metric", name=f"{self.unit}/dev", step=step, value=event["dev"])
