@@ -77,6 +77,7 @@ class Clusters:
     ids: list[int]
     meta_tasks: dict[str, list[Split]]
     summary: list[dict]
+    pseudo: dict | None = None  # how the pool was pseudo-labelled (classifier, accuracy, counts)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Results:
                          for m, u in self.upstream.items()},
             "source_selection": asdict(self.selection) if self.selection else None,
             "clusters": self.clusters.summary if self.clusters else None,
+            "pseudo_labels": self.clusters.pseudo if self.clusters else None,
         }
 
 
@@ -201,11 +203,14 @@ class Inits:
     clusters: Clusters | None
 
 
+POOLED = {"metapt", "ppt"}  # the methods that train on MetaPT's pooled (clustered) source data
+
+
 def learn_inits(prep: Prepared, emit: Progress, store: Checkpoints) -> Inits:
     """Source selection, MetaPT's clustering and every upstream method, in order."""
     spec, sources = prep.spec, prep.sources
     clusters = None
-    if spec.upstream and "metapt" in spec.upstream.methods:
+    if spec.upstream and POOLED & set(spec.upstream.methods):
         clusters = _cluster(spec, sources, prep.backbone)  # before any training: a bad k fails here
 
     selection = None
@@ -216,7 +221,7 @@ def learn_inits(prep: Prepared, emit: Progress, store: Checkpoints) -> Inits:
     inits = {"pt": prep.init}
     upstream: dict[str, UpstreamResult] = {}
     for method in (spec.upstream.methods if spec.upstream else []):
-        tasks = clusters.meta_tasks if method == "metapt" else sources
+        tasks = clusters.meta_tasks if method in POOLED else sources
         upstream[method] = _upstream(prep.model, tasks, prep.init, upstream_config(spec, method), emit, store)
         inits[method] = upstream[method].prompt
     return Inits(inits, upstream, selection, clusters)
@@ -335,19 +340,58 @@ def _cluster(spec: JobSpec, sources: dict[str, list[Split]], backbone) -> Cluste
     """Pool every source example (task identity dropped, duplicates once), pseudo-label it if
     asked, and cut the pool into meta-tasks."""
     from core.algorithms import metapt
-    from core.prompts import load_prompt
 
     c = spec.upstream.clustering
-    pooled = list(dict.fromkeys(e for splits in sources.values() for s in splits for e in s.train + s.dev))
+    owner: dict[Example, str] = {}  # each pooled example and the first source it came from
+    for name, splits in sources.items():
+        for e in (e for s in splits for e in s.train + s.dev):
+            owner.setdefault(e, name)
+    pooled = list(owner)
     if c.pool_size and len(pooled) > c.pool_size:  # MetaPT's source-data size ablation
         keep = sorted(random.Random(spec.prompt.seed).sample(range(len(pooled)), c.pool_size))
         pooled = [pooled[i] for i in keep]
+    pseudo = None
     if c.pseudo_label:
-        classifier = SoftPromptModel(backbone, load_prompt(c.pseudo_label.prompt)[0],
-                                     max_input_tokens=spec.max_input_tokens)
-        options = tuple(c.pseudo_label.options)
-        pooled = metapt.pseudo_label(pooled, lambda texts: classifier.rank(
-            [Example(t, ("",)) for t in texts], [options] * len(texts), spec.downstream.eval_batch_size))
+        pooled, pseudo = _pseudo_label(spec, pooled, [owner[e] for e in pooled], backbone)
     ids = metapt.cluster(pooled, c.method, c.k if c.method != "label" else None, spec.prompt.seed)
     tasks = metapt.meta_tasks(pooled, c.method, None, spec.prompt.seed, c.dev_fraction, ids=ids)
-    return Clusters(pooled, ids, tasks, metapt.cluster_summary(pooled, ids))
+    return Clusters(pooled, ids, tasks, metapt.cluster_summary(pooled, ids), pseudo)
+
+
+def _pseudo_label(spec: JobSpec, pooled: list[Example], names: list[str], backbone
+                  ) -> tuple[list[Example], dict]:
+    """MetaPT section 4.1: restate each pooled text as the classifier's task, label it, keep the
+    confident labels (balanced if asked). Returns the examples and what was done, in numbers."""
+    from core.algorithms import metapt
+    from core.prompts import load_prompt
+    from core.tasks.packs import PACKS, untemplated
+
+    pl = spec.upstream.clustering.pseudo_label
+    texts = [untemplated(n, e.input) for n, e in zip(names, pooled)]
+    stats: dict = {"pooled": len(pooled)}
+    if pl.train is not None:
+        task = load_task(pl.train, "all")
+        split = get_split(task, spec.prompt.seed, "all")
+        options = tuple(task.info.options or sorted({e.output for e in split.train}))
+        raw = lambda examples: [untemplated(pl.train.name, e.input) for e in examples]  # noqa: E731
+        classify = metapt.fit_classifier(raw(split.train), [e.output for e in split.train], spec.prompt.seed)
+        heldout = split.test or split.dev
+        predicted, _ = classify(raw(heldout))
+        stats |= {"classifier": "logistic regression on all-MiniLM-L6-v2 embeddings", "train_task": pl.train.name,
+                  "train_examples": len(split.train), "heldout_examples": len(heldout),
+                  "heldout_accuracy": sum(p == e.output for p, e in zip(predicted, heldout)) / len(heldout)}
+        template = pl.template or (PACKS[pl.train.name].template if pl.train.name in PACKS else "{text}")
+        labels, confidence = classify(texts)
+    else:
+        classifier = SoftPromptModel(backbone, load_prompt(pl.prompt)[0], max_input_tokens=spec.max_input_tokens)
+        options, template = tuple(pl.options), pl.template or "{text}"
+        labels = classifier.rank([Example(template.replace("{text}", t), ("",)) for t in texts],
+                                 [options] * len(texts), spec.downstream.eval_batch_size)
+        confidence = [1.0] * len(texts)
+        stats |= {"classifier": f"prompt {Path(pl.prompt).name}"}
+    restated = [Example(template.replace("{text}", t), ("?",), options) for t in texts]
+    labelled = metapt.pseudo_label(restated, lambda _: labels)
+    kept = metapt.confident(labelled, confidence, pl.min_confidence, pl.balance, options, spec.prompt.seed)
+    stats |= {"confident": sum(float(x) >= pl.min_confidence for x in confidence), "kept": len(kept),
+              "labels": {o: sum(e.output == o for e in kept) for o in options}}
+    return kept, stats

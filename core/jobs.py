@@ -45,6 +45,9 @@ def _task_refs(spec: JobSpec):
         where = ("upstream", "sources", "candidates") if isinstance(sel, SourceSelection) else ("upstream", "sources")
         for i, ref in enumerate(spec.upstream.source_refs):
             yield (*where, i), ref
+        pl = spec.upstream.clustering.pseudo_label
+        if pl and pl.train:
+            yield ("upstream", "clustering", "pseudo_label", "train"), pl.train
 
 
 def check(body: dict, store, owner: str) -> JobSpec:
@@ -59,7 +62,7 @@ def check(body: dict, store, owner: str) -> JobSpec:
     if spec.prompt.path or spec.prompt.init == "file":
         errors.append((("prompt", "path"), "prompt files are not read over the API; accepted inits: vocab, "
                                             "task_name, random, text"))
-    if spec.upstream and spec.upstream.clustering.pseudo_label:
+    if spec.upstream and spec.upstream.clustering.pseudo_label and spec.upstream.clustering.pseudo_label.prompt:
         errors.append((("upstream", "clustering", "pseudo_label"), "pseudo-labelling reads a prompt file, which "
                                                                      "the API does not accept; run it with the CLI"))
     uploaded = {t.name for t in store.list_tasks(owner)}
@@ -228,7 +231,8 @@ def start(store, job_id: str) -> list[Cell]:
 
     store.save_checkpoint(job_id, "upstream/summary", {
         "selection": json.dumps(asdict(learned.selection)) if learned.selection else "",
-        "clusters": json.dumps(learned.clusters.summary) if learned.clusters else ""})
+        "clusters": json.dumps(learned.clusters.summary) if learned.clusters else "",
+        "pseudo": json.dumps(learned.clusters.pseudo) if learned.clusters else ""})
     store.set_phase(job_id, "downstream")
     return cells(spec)
 
@@ -291,7 +295,8 @@ def aggregate(store, job_id: str) -> None:
         upstream[m] = UpstreamResult(m, state["prompt"], state["step"], state["seconds"], state["curve"])
     summary = store.load_checkpoint(job_id, "upstream/summary") or {}
     selection = Selection(**json.loads(summary["selection"])) if summary.get("selection") else None
-    clusters = Clusters([], [], {}, json.loads(summary["clusters"])) if summary.get("clusters") else None
+    clusters = (Clusters([], [], {}, json.loads(summary["clusters"]), json.loads(summary.get("pseudo") or "null"))
+                if summary.get("clusters") else None)
     results = Results(spec, tasks, upstream, {}, 0.0, selection, clusters)
     if job.started_at is not None:
         from core.store.models import now

@@ -2,7 +2,7 @@
 loading it (DESIGN.md: the API never imports torch). The registries that implement them
 (core.algorithms.upstream.ALGORITHMS, core.prompts.INITS, ...) are tested to match."""
 
-ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "mtl", "metapt")
+ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "mtl", "metapt", "ppt")
 INIT_NAMES = ("vocab", "task_name", "random", "text", "file")
 OPTIMIZERS = ("adafactor", "adamw")
 MAX_PROMPT_TOKENS = 512

@@ -19,6 +19,14 @@ def markdown(results: Results) -> str:
                   "| candidate | similarity to the targets | chosen |", "|---|---|---|"]
         lines += [f"| {n} | {v:.3f} | {'yes' if n in results.selection.chosen else ''} |" for n, v in ranked]
         lines += [""]
+    pseudo = results.clusters.pseudo if results.clusters else None
+    if pseudo:
+        heldout = (f"; held-out accuracy {pseudo['heldout_accuracy']:.3f} on {pseudo['heldout_examples']} "
+                   f"{pseudo['train_task']} test examples (trained on {pseudo['train_examples']})"
+                   if "heldout_accuracy" in pseudo else "")
+        lines += ["## Pseudo-labels", "", f"Classifier: {pseudo['classifier']}{heldout}. Of {pseudo['pooled']} "
+                  f"pooled source texts, {pseudo['confident']} were labelled confidently enough and "
+                  f"{pseudo['kept']} kept: {', '.join(f'{k} {v}' for k, v in pseudo['labels'].items())}.", ""]
     if results.clusters:
         lines += ["## MetaPT meta-tasks", "", "| cluster | size | labels | e.g. |", "|---|---|---|---|"]
         for c in results.clusters.summary:

@@ -127,11 +127,45 @@ class SourceSelection(Strict):
 
 
 class PseudoLabelSpec(Strict):
-    """Label the pooled source text with a classifier first (MetaPT's pseudo-labelling): a
-    primer prompt (safetensors) on the job's backbone, ranking these options."""
+    """Label the pooled source text with a classifier first (MetaPT's pseudo-labelling), either
+    `train: TASK` (logistic regression on all-MiniLM-L6-v2 embeddings of that labelled task,
+    as MetaPT section 4.1) or `prompt: FILE` + `options` (a primer prompt on the job's backbone
+    ranking the options). Only predictions at least `min_confidence` sure are kept; `balance`
+    keeps as many of each label as the rarest has. `template` ("...{text}...") restates each
+    pooled text as the classifier's task; a pack source's own template is taken off first."""
 
-    prompt: str = Field(min_length=1)
-    options: list[str] = Field(min_length=2)
+    train: TaskRef | None = None
+    prompt: str | None = Field(None, min_length=1)
+    options: list[str] | None = Field(None, min_length=2)
+    min_confidence: float = Field(0.0, ge=0, lt=1)
+    balance: bool = False
+    template: str | None = None  # default: the train task's pack template, else the text as it is
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _name(cls, v):
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("template")
+    @classmethod
+    def _one_slot(cls, v: str | None) -> str | None:
+        if v is not None and v.count("{text}") != 1:
+            raise ValueError(f"the template must hold {{text}} exactly once, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_classifier(self) -> "PseudoLabelSpec":
+        if (self.train is None) == (self.prompt is None):
+            raise ValueError("name exactly one classifier: train (a labelled task for logistic regression on "
+                             "sentence embeddings) or prompt (a primer prompt file, with options)")
+        if self.prompt is not None and not self.options:
+            raise ValueError("a prompt classifier needs the options it ranks (at least 2)")
+        if self.prompt is not None and self.min_confidence:
+            raise ValueError("min_confidence needs the train classifier's probabilities; a prompt classifier "
+                             "gives none")
+        if self.train is not None and self.options:
+            raise ValueError("options come from the train task's labels; drop options")
+        return self
 
 
 class ClusteringSpec(Strict):
@@ -164,7 +198,7 @@ class UpstreamSpec(Strict):
     meta_batch: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(50, ge=0)
     per_method: dict[str, MethodOptions] = Field(default_factory=dict)  # e.g. {reptile: {inner_steps: 3}}
-    clustering: ClusteringSpec = Field(default_factory=ClusteringSpec)  # for the metapt method
+    clustering: ClusteringSpec = Field(default_factory=ClusteringSpec)  # for the metapt and ppt methods
 
     @field_validator("sources", mode="before")
     @classmethod

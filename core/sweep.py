@@ -11,16 +11,25 @@ from core.spec import JobSpec, SpecError, parse_spec
 
 
 class _Prefixed:
-    """Each variant keeps its checkpoints under its own key prefix in the shared store."""
+    """Each variant keeps its checkpoints under its own key prefix in the shared store, except
+    the keys starting with one of `shared`: those runs are the same in every variant."""
 
-    def __init__(self, store: Checkpoints, prefix: str):
-        self.store, self.prefix = store, prefix
+    def __init__(self, store: Checkpoints, prefix: str, shared: tuple[str, ...] = ()):
+        self.store, self.prefix, self.shared = store, prefix, shared
+
+    def _key(self, key: str) -> str:
+        return key if key.startswith(self.shared) else f"{self.prefix}/{key}"
 
     def load(self, key: str):
-        return self.store.load(f"{self.prefix}/{key}")
+        return self.store.load(self._key(key))
 
     def save(self, key: str, state: dict) -> None:
-        self.store.save(f"{self.prefix}/{key}", state)
+        self.store.save(self._key(key), state)
+
+
+# The PT and FT baselines never see the upstream phase: a sweep over an upstream field runs
+# them once, in the first variant, and the others load them from the checkpoints.
+BASELINES = ("downstream/pt/", "downstream/ft/")
 
 
 def variants(spec: JobSpec) -> list[tuple[object, JobSpec]]:
@@ -61,7 +70,8 @@ def run_sweep(spec: JobSpec, progress: Progress | None = None, checkpoints: Chec
     store, emit = checkpoints or NoCheckpoints(), progress or (lambda e: None)
     runs = []
     todo = variants(spec)
+    shared = BASELINES if spec.sweep.field.startswith("upstream.") else ()
     for i, (value, variant) in enumerate(todo):
         relay = lambda e, i=i, value=value: emit(e | {"sweep": f"{i + 1}/{len(todo)}", "value": value})
-        runs.append((value, run(variant, relay, _Prefixed(store, f"sweep{i}"))))
+        runs.append((value, run(variant, relay, _Prefixed(store, f"sweep{i}", shared))))
     return SweepResults(spec, runs)

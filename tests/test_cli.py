@@ -1,5 +1,6 @@
 """`primer` end to end on a tiny backbone and a CrossFit task directory, and its user errors."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -62,6 +63,17 @@ def test_run_writes_results_table_and_prompts(tiny_dir, crossfit_dir, tmp_path):
     ({"targets": []}, "targets: List should have at least 1 item"),
     ({"targets": ["sms_spam"], "downstream": {"optimiser": "adamw"}}, "downstream.optimiser: Extra inputs are not permitted"),
     ({"targets": ["glue-cola"]}, "task 'glue-cola' is in the catalog but its data was not found"),
+    *[({"targets": ["sms_spam"], "upstream": {"sources": ["trec_coarse"], "methods": ["metapt"],
+                                              "clustering": {"pseudo_label": pl}}}, message) for pl, message in [
+        ({}, "name exactly one classifier: train (a labelled task"),
+        ({"train": "vader_tweets", "prompt": "p.safetensors"}, "name exactly one classifier"),
+        ({"prompt": "p.safetensors"}, "a prompt classifier needs the options it ranks"),
+        ({"prompt": "p.safetensors", "options": ["a", "b"], "min_confidence": 0.8},
+         "min_confidence needs the train classifier's probabilities"),
+        ({"train": "vader_tweets", "options": ["a", "b"]}, "options come from the train task's labels"),
+        ({"train": "vader_tweets", "template": "no slot"}, "the template must hold {text} exactly once"),
+        ({"train": "vader_tweets", "min_confidence": 1.0}, "min_confidence: Input should be less than 1"),
+    ]],
 ])
 def test_bad_specs_fail_with_one_clear_message(tmp_path, fields, message):
     out = tmp_path / "out"
@@ -98,3 +110,20 @@ def test_catalog_commands():
     assert listed.exit_code == 0 and names == set(cls12.train) | set(cls12.dev) | set(cls12.test)
     assert len(cls12.train) == 12
     assert "smollm2-135m" in runner.invoke(app, ["backbones", "list"]).output
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parent.parent / "studies").rglob("*.yaml")))
+def test_every_committed_study_spec_is_valid_and_names_pack_tasks(path):
+    from core.sweep import variants
+    from core.spec import load_spec
+    from core.tasks import packs
+
+    spec = load_spec(path)
+    for variant in ([v for _, v in variants(spec)] if spec.sweep else [spec]):
+        names = [r.name for r in variant.targets + (variant.upstream.source_refs if variant.upstream else [])]
+        pl = variant.upstream and variant.upstream.clustering.pseudo_label
+        names += [pl.train.name] if pl and pl.train else []
+        assert set(names) <= set(packs.PACKS), f"{path}: not pack tasks: {set(names) - set(packs.PACKS)}"
+        sources = {r.name for r in variant.upstream.source_refs} if variant.upstream else set()
+        assert not sources & {r.name for r in variant.targets}, f"{path}: a target is also a source"
+        assert not (pl and pl.train and pl.train.name in {r.name for r in variant.targets} | sources)

@@ -241,6 +241,11 @@ def test_a_sweep_over_the_source_set_gives_one_arg_table_and_plot(spec_fields, t
     table = (out / "sweep.md").read_text()
     assert "| upstream.sources | fomaml | mtl |" in table and "| 1 (" in table and "| 3 (" in table
     assert (out / "sweep.png").stat().st_size > 0 and (out / "variant1" / "results.md").exists()
+    # PT never sees the sources: it ran once and the second variant took its results as they were.
+    saved = sorted(p.name for p in (out / "checkpoints").glob("*downstream__pt__*"))
+    assert saved == ["downstream__pt__color.pt", "downstream__pt__greet.pt"]
+    assert sweep["runs"][0]["tasks"]["color"]["pt"] == sweep["runs"][1]["tasks"]["color"]["pt"]
+    assert any((out / "checkpoints").glob("sweep1__downstream__fomaml__*"))
 
 
 def pool_task(directory, name, labels, n=40):
@@ -353,3 +358,31 @@ def test_metapt_can_pseudo_label_the_pool_with_a_prompt_before_clustering(spec_f
     assert [e.output for e in pooled] == expected  # the classifier's labels replaced the gold ones
     by_cluster = [set(c["labels"]) for c in results.clusters.summary]
     assert all(len(labels) == 1 for labels in by_cluster) and set().union(*by_cluster) <= {"yes", "no"}
+
+
+def test_metapt_and_ppt_train_on_the_pool_labelled_by_an_embedding_classifier(spec_fields, tmp_path):
+    from tests.test_metapt import COOKING, FOOTBALL
+
+    rows = [{"text": t, "label": lab} for texts, lab in ((FOOTBALL, "sport"), (COOKING, "food"))
+            for t in texts for _ in range(4)]  # numbered below, so no two inputs are the same
+    rows = [dict(r, text=f"{r['text']} ({i})") for i, r in enumerate(rows)]
+    path = tmp_path / "labelled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec_fields["upstream"].update(methods=["metapt", "ppt"], clustering={
+        "method": "label", "pseudo_label": {
+            "train": {"name": "topics", "path": str(path), "type": "classification", "options": ["sport", "food"],
+                      "input_column": "text", "output_column": "label"},
+            "min_confidence": 0.5, "balance": True, "template": "Sport or food? {text}"}})
+    results = run(parse_spec(spec_fields))
+
+    pseudo, pooled = results.clusters.pseudo, results.clusters.examples
+    assert pseudo["train_task"] == "topics" and pseudo["heldout_accuracy"] >= 0.75
+    assert pseudo["pooled"] >= pseudo["confident"] >= pseudo["kept"] == len(pooled) > 0
+    assert pseudo["labels"]["sport"] == pseudo["labels"]["food"] == len(pooled) // 2
+    assert all(e.input.startswith("Sport or food? ") and e.output in ("sport", "food") for e in pooled)
+    # Label clustering of the pseudo-labels: one meta-task per label, both methods trained on it.
+    assert sorted(map(str, (c["labels"] for c in results.clusters.summary))) == [
+        str({"food": len(pooled) // 2}), str({"sport": len(pooled) // 2})]
+    assert set(results.upstream) == {"metapt", "ppt"}
+    assert not torch.equal(results.prompts["init/metapt"], results.prompts["init/ppt"])
+    assert results.to_dict()["pseudo_labels"] == pseudo

@@ -227,3 +227,36 @@ def test_pseudo_label_rejects_a_bad_classifier():
         metapt.pseudo_label(data, lambda texts: ["x", ""])
     with pytest.raises(TaskError, match="not one of its options"):
         metapt.pseudo_label([Example("a", (), options=("yes", "no"))], lambda texts: ["maybe"])
+
+
+# --- the embedding classifier of MetaPT section 4.1 ----------------------------------------------
+
+def test_embedding_classifier_labels_unseen_text_with_its_confidence():
+    classify = metapt.fit_classifier(FOOTBALL[:8] + COOKING[:8], ["sport"] * 8 + ["food"] * 8, seed=0)
+    labels, confidence = classify(FOOTBALL[8:] + COOKING[8:])
+    assert labels == ["sport"] * 4 + ["food"] * 4
+    assert confidence.shape == (8,) and ((confidence > 0.5) & (confidence <= 1)).all()
+    with pytest.raises(TaskError, match="at least 2 labels"):
+        metapt.fit_classifier(FOOTBALL, ["sport"] * len(FOOTBALL), seed=0)
+
+
+def test_confident_keeps_sure_labels_and_balances_them_by_a_seeded_draw():
+    data = [Example(f"t{i}", (lab,)) for i, lab in enumerate("aaaaabbb")]
+    sure = [0.9, 0.4, 0.8, 0.95, 0.7, 0.6, 0.99, 0.2]
+    assert [e.input for e in metapt.confident(data, sure, 0.65, False, ("a", "b"), 0)] == ["t0", "t2", "t3", "t4", "t6"]
+    kept = metapt.confident(data, sure, 0.65, True, ("a", "b"), 0)
+    assert [e.output for e in kept] == ["a", "b"]  # 4 sure a's, 1 sure b: one of each, in order
+    assert kept == metapt.confident(data, sure, 0.65, True, ("a", "b"), 0)
+    draws = {tuple(e.input for e in metapt.confident(data, [1.0] * 8, 0.0, True, ("a", "b"), s)) for s in range(8)}
+    assert len(draws) > 1 and all(len(d) == 6 for d in draws)
+    with pytest.raises(TaskError, match=r"no pooled example was pseudo-labelled a with confidence >= 0.99 \(kept per label: {.a.: 0, .b.: 1}\)"):
+        metapt.confident(data, sure, 0.99, True, ("a", "b"), 0)
+
+
+def test_untemplated_takes_a_pack_template_off_and_leaves_other_text():
+    from core.tasks.packs import PACKS, untemplated
+
+    text = PACKS["sarcasm_headlines"].template.replace("{text}", "man wins argument with toaster")
+    assert untemplated("sarcasm_headlines", text) == "man wins argument with toaster"
+    assert untemplated("sarcasm_headlines", "plain text") == "plain text"
+    assert untemplated("not_a_pack", text) == text

@@ -232,6 +232,41 @@ def pseudo_label(examples: list[Example], classify: Callable[[list[str]], list[s
     return out
 
 
+def fit_classifier(texts: list[str], labels: list[str], seed: int
+                   ) -> Callable[[list[str]], tuple[list[str], np.ndarray]]:
+    """MetaPT's pseudo-labeller: logistic regression on all-MiniLM-L6-v2 embeddings of labelled
+    text. Returns texts -> (label of each, the probability the classifier gives it)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(set(labels)) < 2:
+        raise TaskError(f"the pseudo-labelling classifier needs at least 2 labels to learn, got {sorted(set(labels))}")
+    clf = LogisticRegression(max_iter=2000, random_state=seed).fit(embed(texts), labels)
+
+    def predict(xs: list[str]) -> tuple[list[str], np.ndarray]:
+        p = clf.predict_proba(embed(xs))
+        return [str(clf.classes_[i]) for i in p.argmax(1)], p.max(1)
+    return predict
+
+
+def confident(examples: list[Example], confidence, min_confidence: float, balance: bool,
+              labels: tuple[str, ...], seed: int) -> list[Example]:
+    """The examples whose pseudo-label is at least `min_confidence` sure; with `balance`, a
+    seeded draw of as many of each label as the rarest label has (order kept)."""
+    keep = [e for e, c in zip(examples, confidence) if c >= min_confidence]
+    if not balance:
+        return keep
+    groups = {lab: [i for i, e in enumerate(keep) if e.output == lab] for lab in labels}
+    n = min(len(g) for g in groups.values())
+    if n == 0:
+        counts = {lab: len(g) for lab, g in groups.items()}
+        raise TaskError(f"no pooled example was pseudo-labelled {', '.join(l for l, c in counts.items() if not c)} "
+                        f"with confidence >= {min_confidence} (kept per label: {counts}); lower "
+                        "min_confidence, add source text, or drop balance")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(i for g in groups.values() for i in rng.choice(g, n, replace=False).tolist())
+    return [keep[i] for i in chosen]
+
+
 # --- reports ------------------------------------------------------------------------------------
 
 def cluster_summary(examples: list[Example], ids: list[int], n_examples: int = 3,

@@ -45,6 +45,8 @@ ALGORITHMS: dict[str, Algorithm] = {
     "mtl": Algorithm(mtl_grad, MixedBatches, inner_batch_size=4, inner_steps=1, meta_batch=1, uses_query=False),
     # MetaPT: MAML whose "tasks" are clusters of the pooled source data (core/algorithms/metapt.py).
     "metapt": Algorithm(maml_grad, TaskEpisodes, inner_batch_size=2, inner_steps=1, meta_batch=2, uses_query=True),
+    # PPT (Gu et al. 2022), MetaPT's baseline: plain training of the prompt on the same pooled data.
+    "ppt": Algorithm(mtl_grad, MixedBatches, inner_batch_size=4, inner_steps=1, meta_batch=1, uses_query=False),
 }
 
 

@@ -323,6 +323,17 @@ def examples(name: str) -> list[Example]:
     return rows
 
 
+def untemplated(name: str, text: str) -> str:
+    """A pack task's input without its template's words around the text (other text as it is)."""
+    pack = PACKS.get(name)
+    if pack is None:
+        return text
+    head, tail = pack.template.split("{text}")
+    if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
+        return text[len(head):len(text) - len(tail)]
+    return text
+
+
 def given_test(name: str) -> list[Example] | None:
     """The dataset's own test split, templated and deduplicated, or None (then 20 % is held out)."""
     pack = PACKS[name]
