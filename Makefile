@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ test: install
 test-fast: install
 	bash scripts/ensure-services
 	$(PY) -m pytest -m "not slow"
+
+# primer against the MPT paper's loop (higher) and PEFT, and the service's overhead; one JSON
+# line per figure, then a table (docs/performance.md). Run it on an otherwise idle machine.
+# BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--parts meta --repeats 5".
+bench: install
+	bash scripts/ensure-services
+	$(PY) -m bench --parts meta,pt,eval,api $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -73,8 +73,15 @@ def run(spec: Path = typer.Argument(..., help="job spec (YAML)"),
         out = out or Path("runs") / job.name
         checkpoints = checkpoints_for(out, job, fresh)
         bar = tqdm(total=1, unit="step", dynamic_ncols=True, file=sys.stderr)
+        shown_unit: list = [None]
 
         def progress(event: dict) -> None:
+            # a new unit of work (an upstream method, the downstream grid) restarts the bar's clock,
+            # so its elapsed time and s/step are that unit's own
+            unit = (event["phase"], None if "grand_total" in event else event.get("method"))
+            if unit != shown_unit[0]:
+                shown_unit[0] = unit
+                bar.reset()
             bar.set_description(f"{event['phase']} {event.get('method', '')}".strip(), refresh=False)
             bar.total, bar.n = event.get("grand_total", event["total"]), event.get("done", event["step"])
             shown = {k: event[k] for k in ("task", "seed", "lr") if k in event}

@@ -21,7 +21,7 @@ from core.algorithms.finetune import finetune
 from core.algorithms.pt import RunResult, TaskResult, TrainConfig, prompt_tune, train_prompt
 from core.algorithms.upstream import UpstreamConfig, UpstreamResult, meta_train
 from core.backbones.soft_prompt import SoftPromptModel
-from core.metrics import arg, arg_interval, relative_gain
+from core.metrics import arg, arg_difference_interval, arg_interval, relative_gain
 from core.prompts import init_prompt
 from core.settings import settings
 from core.similarity import Selection, select_top_k, task_prompt
@@ -98,10 +98,22 @@ class Results:
     def arg(self) -> dict[str, float]:
         return {m: arg(g) for m, g in self.gains().items()}
 
+    def _scores(self, method: str) -> dict[str, dict[int, float]]:
+        return {t: {r.seed: r.test for r in per[method].best} for t, per in self.tasks.items()}
+
     def arg_intervals(self) -> dict[str, tuple[float, float]]:
         """95% bootstrap interval of each method's ARG over target tasks and split seeds."""
-        scores = lambda m: {t: {r.seed: r.test for r in per[m].best} for t, per in self.tasks.items()}  # noqa: E731
-        return {m: arg_interval(scores(m), scores("pt")) for m in self.gains()}
+        return {m: arg_interval(self._scores(m), self._scores("pt")) for m in self.gains()}
+
+    def vs_mtl(self) -> dict[str, dict]:
+        """Each method's ARG minus MTL's (points) with a paired 95% bootstrap interval: does
+        learning to initialize beat plain multi-task training on the same sources?"""
+        args = self.arg()
+        if "mtl" not in args:
+            return {}
+        return {m: {"difference": args[m] - args["mtl"],
+                    "ci95": arg_difference_interval(self._scores(m), self._scores("mtl"), self._scores("pt"))}
+                for m in args if m != "mtl"}
 
     def to_dict(self) -> dict:
         return {
@@ -114,6 +126,7 @@ class Results:
             "relative_gain": self.gains(),
             "arg": self.arg(),
             "arg_95ci": self.arg_intervals(),
+            "vs_mtl": self.vs_mtl(),
             "upstream": {m: {"steps": u.steps, "seconds": round(u.seconds, 1), "curve": u.curve}
                          for m, u in self.upstream.items()},
             "source_selection": asdict(self.selection) if self.selection else None,

@@ -250,27 +250,45 @@ def arg(gains: Mapping[str, float] | Iterable[float]) -> float:
     return 100.0 * float(np.mean(values))
 
 
-def arg_interval(method: Mapping[str, Mapping[int, float]], pt: Mapping[str, Mapping[int, float]],
-                 samples: int = 10_000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """A bootstrap interval for ARG over tasks and split seeds (in percent).
+Scores = Mapping[str, Mapping[int, float]]  # task -> split seed -> test score
 
-    `method` and `pt` map task -> split seed -> test score. Each resample draws the target tasks
-    with replacement, then, within each drawn task, its seeds with replacement (the same seeds
-    for the method and PT: they share the split); ARG is recomputed on the resample and the
-    interval is the percentile interval of those ARGs.
+
+def _bootstrap_args(methods: list[Scores], pt: Scores, samples: int, seed: int) -> np.ndarray:
+    """ARG (percent) of each method on `samples` bootstrap resamples, shape (methods, samples).
+
+    Each resample draws the target tasks with replacement, then, within each drawn task, its
+    seeds with replacement; every method and PT see the same draws (they share the splits).
     """
     rng = np.random.default_rng(seed)
-    tasks = list(method)
-    # per task: the gain of every resample of its seeds, shape (len(tasks), samples)
-    gains = np.empty((len(tasks), samples))
+    tasks = list(methods[0])
+    gains = np.empty((len(methods), len(tasks), samples))  # per task, the gain on every resample of its seeds
     for i, t in enumerate(tasks):
-        seeds = sorted(method[t])
-        m, p = np.array([method[t][s] for s in seeds]), np.array([pt[t][s] for s in seeds])
+        seeds = sorted(methods[0][t])
         drawn = rng.integers(0, len(seeds), (samples, len(seeds)))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gains[i] = (m[drawn].mean(1) - p[drawn].mean(1)) / p[drawn].mean(1)
+        p = np.array([pt[t][s] for s in seeds])[drawn].mean(1)
+        for k, method in enumerate(methods):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                gains[k, i] = (np.array([method[t][s] for s in seeds])[drawn].mean(1) - p) / p
     picked = rng.integers(0, len(tasks), (samples, len(tasks)))  # the tasks of each resample
-    args = 100.0 * gains[picked, np.arange(samples)[:, None]].mean(1)
-    args = args[np.isfinite(args)]
+    return 100.0 * gains[:, picked, np.arange(samples)[:, None]].mean(2)
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
     tail = 100 * (1 - level) / 2
-    return float(np.percentile(args, tail)), float(np.percentile(args, 100 - tail))
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def arg_interval(method: Scores, pt: Scores, samples: int = 10_000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval for ARG over tasks and split seeds (in percent): the percentile
+    interval of ARG recomputed on resamples of the tasks and, within each, of its seeds."""
+    return _percentiles(_bootstrap_args([method], pt, samples, seed)[0], level)
+
+
+def arg_difference_interval(a: Scores, b: Scores, pt: Scores, samples: int = 10_000, level: float = 0.95,
+                            seed: int = 0) -> tuple[float, float]:
+    """A paired bootstrap interval for ARG(a) − ARG(b) in percentage points: both ARGs are
+    recomputed on the same resamples of tasks and seeds, so what the draws share cancels."""
+    args = _bootstrap_args([a, b], pt, samples, seed)
+    return _percentiles(args[0] - args[1], level)

@@ -42,6 +42,11 @@ def markdown(results: Results) -> str:
         lines += [f"| {m} | {args[m]:+.2f} | {interval(m)} | {u.steps} | {u.seconds / 60:.1f} |"
                   for m, u in results.upstream.items()]
         lines += [f"| ft | {args['ft']:+.2f} | {interval('ft')} | — | — |"] if "ft" in args else []
+        if vs := results.vs_mtl():
+            lines += ["", "## Against multi-task learning on the same sources", "",
+                      "| method | ARG − ARG(mtl) (points) | paired 95% bootstrap CI |", "|---|---|---|"]
+            lines += [f"| {m} | {d['difference']:+.2f} | [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] |"
+                      for m, d in vs.items()]
         lines += ["", "## Per target task", ""]
     gains = results.gains()
     lines += ["| task | method | metric | test (mean ± std) | rel. gain | per seed: test @ lr (dev at step 0 → best dev, step) |",

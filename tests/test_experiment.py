@@ -65,8 +65,14 @@ def test_cls_to_cls_experiment_reports_gains_and_arg_for_every_method(spec_field
         gains = results["relative_gain"][m].values()
         assert results["arg"][m] == pytest.approx(100 * sum(gains) / 2)
         assert [c["step"] for c in results["upstream"][m]["curve"]] == [1, 2, 3, 4]
+    for m in ("maml", "fomaml", "reptile"):  # each against MTL on the same sources, paired
+        vs = results["vs_mtl"][m]
+        assert vs["difference"] == pytest.approx(results["arg"][m] - results["arg"]["mtl"])
+        assert vs["ci95"][0] <= vs["ci95"][1]
+    assert "mtl" not in results["vs_mtl"]
     report = (out / "results.md").read_text()
     assert "## ARG over plain prompt tuning" in report and "| maml |" in report
+    assert "## Against multi-task learning on the same sources" in report
     assert (out / "relative_gain.png").stat().st_size > 0 and (out / "upstream_loss.png").stat().st_size > 0
     for m in methods:  # the learned initializations themselves, as safetensors
         assert (out / "prompts" / f"init.{m}.safetensors").exists()

@@ -243,3 +243,20 @@ def test_arg_interval_bootstraps_over_tasks_and_seeds():
     # the extremes a resample can reach: task b on seed 100 only (+0%) and on seed 13 only (+50%)
     assert 0 <= lo and hi <= 50.0 + 1e-9
     assert arg_interval(better, pt) == (lo, hi)  # seeded: the same interval every time
+
+
+def test_arg_difference_interval_is_paired_over_the_same_resamples():
+    from core.metrics import arg_difference_interval, arg_interval
+
+    pt = {"a": {100: 0.5, 13: 0.6, 21: 0.7}, "b": {100: 0.4, 13: 0.5, 21: 0.4}}
+    up = {t: {s: v * 1.2 for s, v in seeds.items()} for t, seeds in pt.items()}  # +20% on every split
+    noisy = {"a": {100: 0.9, 13: 0.5, 21: 0.7}, "b": {100: 0.3, 13: 0.7, 21: 0.5}}
+    # a method against itself: 0 on every resample, however wide its own interval is
+    assert arg_difference_interval(noisy, noisy, pt) == (0.0, 0.0)
+    assert arg_interval(noisy, pt)[1] - arg_interval(noisy, pt)[0] > 10
+    # a constant +20% against PT's own scores: exactly 20 points on every resample
+    lo, hi = arg_difference_interval(up, pt, pt)
+    assert lo == pytest.approx(20.0) and hi == pytest.approx(20.0)
+    lo, hi = arg_difference_interval(up, noisy, pt)
+    assert lo < arg({t: 0.2 for t in pt}) - arg({t: (sum(noisy[t].values()) - sum(pt[t].values())) / sum(pt[t].values())
+                                                for t in pt}) < hi

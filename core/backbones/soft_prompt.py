@@ -192,11 +192,16 @@ class SoftPromptModel(nn.Module):
         for r, a in enumerate(ans):
             ids[r, : len(a)] = torch.tensor(a)
             amask[r, : len(a)] = 1
-        out = model.base_model(inputs_embeds=self.backbone.embed(ids), attention_mask=torch.cat([mask[idx], amask], 1),
-                               position_ids=lengths[idx, None] + torch.arange(A, device=dev),
-                               past_key_values=cache, use_cache=True).last_hidden_state
-        # Answer token t is predicted by the prefix's last state (t = 0) or by answer token t - 1.
-        predictors = torch.cat([last[:, None], out[:, :-1]], dim=1)[amask.bool()]
+        # Answer token t is predicted by the prefix's last state (t = 0) or by answer token t - 1,
+        # so the last answer token (EOS) is never fed: the continuation runs A - 1 tokens.
+        predictors = last[:, None]
+        if A > 1:
+            out = model.base_model(inputs_embeds=self.backbone.embed(ids[:, :-1]),
+                                   attention_mask=torch.cat([mask[idx], amask[:, :-1]], 1),
+                                   position_ids=lengths[idx, None] + torch.arange(A - 1, device=dev),
+                                   past_key_values=cache, use_cache=False).last_hidden_state
+            predictors = torch.cat([predictors, out], dim=1)
+        predictors = predictors[amask.bool()]
         lp = torch.log_softmax(self._head(predictors).float(), -1).gather(1, ids[amask.bool()][:, None]).squeeze(1)
         return torch.zeros(len(ans), device=dev).index_add(0, amask.nonzero()[:, 0], lp)
 

@@ -1,0 +1,166 @@
+"""python -m bench: primer against the MPT paper's training loop and PEFT, side by side in one
+run on one backbone, batch, prompt length and sequence lengths. One JSON line per figure on
+stdout, then a table (docs/performance.md holds the measured figures and how they were taken).
+
+  python -m bench                         # SmolLM2-135M, real task data, every model-side figure
+  python -m bench --parts meta --repeats 5
+  python -m bench --parts api             # the service: requests/s and latency, queueing delay
+  python -m bench --smoke --backbone DIR  # CI: every code path once at tiny size, nothing timed
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+PARTS = ("meta", "pt", "eval", "api")
+SOURCES = ("sms_spam", "disaster_tweets", "sarcasm_headlines", "trec_coarse")
+TARGET = "rotten_tomatoes_sentiment"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="smollm2-135m", help="a registered backbone or a model directory")
+    p.add_argument("--parts", default="meta,pt,eval", help=f"comma-separated, of {', '.join(PARTS)}")
+    p.add_argument("--algorithms", default="maml,fomaml,reptile")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--prompt-length", type=int, default=20)
+    p.add_argument("--max-input-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8, help="prompt tuning's batch")
+    p.add_argument("--inner-lr", type=float, default=3e-5)
+    p.add_argument("--meta-steps", type=int, default=3, help="outer steps per repeat")
+    p.add_argument("--pt-steps", type=int, default=10, help="prompt-tuning steps per repeat")
+    p.add_argument("--eval-examples", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--api-clients", type=int, default=50)
+    p.add_argument("--api-seconds", type=float, default=10.0)
+    p.add_argument("--api-rate", type=float, default=1.0, help="requests/s per client in the paced API run")
+    p.add_argument("--profile", action="store_true", help="also print where each implementation's time goes "
+                                                           "(torch.profiler, by operator) to stderr")
+    p.add_argument("--smoke", action="store_true", help="run every path once on synthetic data; time nothing")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.parts.split(",")) - set(PARTS))
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}; accepted: {', '.join(PARTS)}")
+    return args
+
+
+def synthetic(n: int, seed: int):
+    """Word strings with two labels, for the smoke run (the tiny test backbone's vocabulary)."""
+    from core.tasks.base import Example
+
+    words = "the a movie film good bad great awful spam free win call now see you lunch sky blue".split()
+    return [Example(" ".join(words[(i * 7 + j * 3 + seed) % len(words)] for j in range(5 + i % 4)),
+                    ("positive" if i % 2 else "negative",)) for i in range(n)]
+
+
+def setup(args):
+    import torch
+
+    from bench.figures import Setup
+    from core import backbones
+    from core.backbones.soft_prompt import SoftPromptModel
+    from core.prompts import init_prompt
+    from core.tasks import get_split, load_task
+    from core.tasks.base import Split
+
+    torch.manual_seed(0)
+    backbone = backbones.freeze(backbones.load(args.backbone, device=args.device))
+    model = SoftPromptModel(backbone, init_prompt(backbone, args.prompt_length, "vocab", seed=0),
+                            max_input_tokens=args.max_input_tokens)
+    if args.smoke:
+        sources = {f"synthetic{i}": [Split(synthetic(16, i), synthetic(16, i + 10), [], 100, 8)] for i in range(3)}
+        target = Split(synthetic(32, 7), [], synthetic(16, 8), 100, 16)
+        options = ("negative", "positive")
+    else:
+        sources = {n: [get_split(load_task(_ref(n)), 100)] for n in SOURCES}
+        task = load_task(_ref(TARGET))
+        target, options = get_split(task, 100), tuple(task.info.options)
+    examples = [e for splits in sources.values() for s in splits for e in s.train + s.dev] + target.train + target.test
+    answer = max(len(model._tokens(e.output, True)) for e in examples)
+    longest = max(len(model._tokens(e.input, False)) for e in examples)
+    one = 1 if args.smoke else None
+    return Setup(model, sources, target.train, target.test, options, static_length=longest + answer,
+                 warmup=0 if args.smoke else args.warmup, repeats=one or args.repeats,
+                 meta_steps=one or args.meta_steps, pt_steps=2 if args.smoke else args.pt_steps,
+                 batch_size=args.batch_size, inner_lr=args.inner_lr, eval_examples=args.eval_examples,
+                 smoke=args.smoke, profile=args.profile)
+
+
+def _ref(name: str):
+    from core.spec import TaskRef
+
+    return TaskRef(name=name)
+
+
+def machine(args) -> dict:
+    import torch
+
+    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": args.device, "backbone": args.backbone}
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def table(lines: list[dict]) -> str:
+    """Markdown: one row per figure and implementation, primer's ratio to the other."""
+    rows = ["| figure | implementation | rate | peak MB | check | primer ÷ other |", "|---|---|---|---|---|---|"]
+    rate_keys = ("episodes_per_s", "steps_per_s", "examples_per_s", "requests_per_s")
+    by_figure: dict[str, dict[str, dict]] = {}
+    for line in lines:
+        name = line["figure"] + (f" ({line['mode']})" if "mode" in line else "")
+        by_figure.setdefault(name, {})[line["impl"]] = line
+    for figure, impls in by_figure.items():
+        primer = impls.get("primer", {})
+        for impl, line in impls.items():
+            key = next((k for k in rate_keys if k in line), None)
+            rate = line.get(key) if key else None
+            check = ", ".join(f"{k} {line[k]}" for k in ("grad_relative_diff", "loss_relative_diff", "accuracy", "accuracy_one_by_one",
+                                                         "p50_ms", "p99_ms", "errors", "to_running_s",
+                                                         "to_first_step_s") if k in line)
+            ratio = ""
+            if impl != "primer" and rate and primer.get(key):
+                ratio = f"{primer[key] / rate:.2f}×"
+            unit = key.replace("_per_s", "/s") if key else ""
+            rows.append(f"| {figure} | {impl} | {rate if rate is not None else '—'} {unit} | "
+                        f"{line.get('peak_mb') if line.get('peak_mb') is not None else '—'} | {check} | {ratio} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    parts = args.parts.split(",")
+    lines: list[dict] = []
+
+    def emit(line: dict) -> None:
+        lines.append(line)
+        print(json.dumps(line), flush=True)
+
+    emit({"figure": "machine", "impl": "-", **machine(args)})
+    if {"meta", "pt", "eval"} & set(parts):
+        from bench import figures, reference
+
+        s = setup(args)
+        if "meta" in parts:
+            for algorithm in args.algorithms.split(","):
+                figures.meta(s, algorithm, emit)
+        if {"pt", "eval"} & set(parts):
+            peft = reference.Peft(s.model, s.model.prompt.detach(), s.static_length)
+            if "pt" in parts:
+                figures.pt(s, peft, emit)
+            if "eval" in parts:
+                figures.evaluation(s, peft, emit)
+    if "api" in parts:
+        from bench import api
+
+        api.run(args, emit)
+    print(table([line for line in lines if line["figure"] != "machine"]), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Service overhead, measured on loopback against a real uvicorn (the API), real Postgres (the
+store), Redis (the broker) and a real Celery worker process:
+
+1. POST /jobs and GET /jobs/{id} under N concurrent clients for a fixed time: requests/s,
+   p50/p99/max latency, errors. Twice: closed loop (each client sends its next request when
+   the last one has answered: the API's throughput at saturation, where latency is N divided
+   by throughput) and paced (each client sends at a fixed rate, the total well under that
+   throughput: the latency a request sees when the API is not the bottleneck). No worker runs
+   meanwhile, so the figure is the API's own cost (auth, spec check, store, broker hand-off),
+   not the API fighting a training job for the CPU.
+2. Queueing delay: the broker is emptied, one worker is started, and jobs are submitted one at a
+   time: POST -> the worker marks the job running (started_at) and POST -> its first training
+   step (the first upstream loss event), both from the store's timestamps.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BROKER_DB, RESULTS_DB = 7, 8
+
+
+def spec(backbone: str, i: int, steps: int = 2) -> dict:
+    """A small real job on real task packs; `i` makes every body distinct."""
+    return {"name": f"bench-{i}", "backbone": backbone, "prompt": {"length": 4}, "targets": ["sms_spam"],
+            "upstream": {"sources": ["trec_coarse", "disaster_tweets"], "methods": ["maml"], "steps": steps,
+                         "optimizer": "adamw", "outer_lr": 0.01, "seeds": [100]},
+            "downstream": {"seeds": [100], "lrs": [0.01], "max_steps": 2, "eval_every": 2, "batch_size": 2,
+                           "max_test_examples": 8}}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+class Service:
+    """A fresh Postgres database, two Redis databases, the API process and (on demand) a worker."""
+
+    def __init__(self, backbone: str):
+        import redis
+        from sqlalchemy import create_engine, text
+
+        from core.store import Store
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="primer-bench-")
+        self.db = f"primer_bench_{os.getpid()}"
+        self.admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{self.db}"'))
+        self.redis = redis.Redis(db=BROKER_DB)
+        for db in (BROKER_DB, RESULTS_DB):
+            redis.Redis(db=db).flushdb()
+        # A model directory is allowed under the name "bench"; a registry name is allowed as itself.
+        self.backbone = "bench" if Path(backbone).is_dir() else backbone
+        self.env = os.environ | {
+            "PRIMER_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}",
+            "PRIMER_BROKER_URL": f"redis://127.0.0.1:6379/{BROKER_DB}",
+            "PRIMER_RESULT_BACKEND": f"redis://127.0.0.1:6379/{RESULTS_DB}",
+            "PRIMER_BACKBONES": f"bench={backbone}" if self.backbone == "bench" else backbone,
+        }
+        self.store = Store(self.env["PRIMER_DATABASE_URL"])
+        self.store.upgrade()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        self.procs = [self._spawn([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
+                                   "--port", self.url.rsplit(":", 1)[1], "--log-level", "warning"])]
+        import httpx
+
+        for _ in range(300):
+            try:
+                if httpx.get(f"{self.url}/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"the API did not answer /healthz at {self.url} within 30 s")
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    def start_worker(self) -> None:
+        self.procs.append(self._spawn([sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q",
+                                       "upstream,downstream", "--concurrency", "1", "-n", "bench@%h"]))
+
+    def close(self) -> None:
+        from sqlalchemy import text
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        self.store.engine.dispose()
+        with self.admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)'))
+        self.admin.dispose()
+        self.tmp.cleanup()
+
+
+async def load(url: str, secret: str, clients: int, seconds: float, request, rate: float = 0.0) -> dict:
+    """`clients` loops for `seconds`; request(http, i) sends the i-th request of a loop. Closed
+    loops when `rate` is 0, else each loop sends `rate` requests/s on a fixed schedule (the clients
+    staggered over the first period) and a late request is sent at once."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {secret}"}, limits=limits,
+                                 timeout=60) as http:
+        end = time.perf_counter() + seconds
+
+        async def loop(c: int) -> None:
+            i, start = 0, time.perf_counter() + (c / clients / rate if rate else 0)
+            while time.perf_counter() < end:
+                if rate:
+                    await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+                t0 = time.perf_counter()
+                try:
+                    r = await request(http, c * 1_000_000 + i)
+                    if r.status_code >= 400:
+                        errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+                except httpx.HTTPError as e:
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                latencies.append(time.perf_counter() - t0)
+                i += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(loop(c) for c in range(clients)))
+        elapsed = time.perf_counter() - t0
+    ms = [x * 1000 for x in latencies]
+    return {"mode": f"paced {rate * clients:g}/s" if rate else "closed loop",
+            "requests": len(ms), "requests_per_s": round(len(ms) / elapsed, 1),
+            "p50_ms": round(percentile(ms, 50), 1), "p99_ms": round(percentile(ms, 99), 1),
+            "max_ms": round(max(ms), 1), "errors": sum(errors.values()), "error_kinds": errors}
+
+
+def queue_delay(svc: Service, http, n: int, timeout: float = 300) -> list[dict]:
+    """Submit n jobs one after another to an idle worker; seconds from POST to running and to step 1."""
+    from sqlalchemy import select
+
+    from core.store.models import Event, Job
+
+    out = []
+    for i in range(n):
+        r = http.post("/jobs", json=spec(svc.backbone, 10_000_000 + i))
+        r.raise_for_status()
+        job_id, deadline = r.json()["id"], time.monotonic() + timeout
+        while True:
+            with svc.store.session() as s:
+                job = s.get(Job, job_id)
+                first = s.scalar(select(Event.time).where(Event.job_id == job_id, Event.kind == "metric",
+                                                                 Event.name.like("upstream/%"))
+                                 .order_by(Event.id).limit(1))
+            if first is not None or job.status in ("failed", "cancelled") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if first is None:
+            raise RuntimeError(f"job {job_id} reached no training step ({job.status}: {job.error_message}); "
+                               f"is a worker running against {svc.env['PRIMER_BROKER_URL']}?")
+        out.append({"to_running_s": (job.started_at - job.created_at).total_seconds(),
+                    "to_first_step_s": (first - job.created_at).total_seconds()})
+        while http.get(f"/jobs/{job_id}").json()["status"] not in ("succeeded", "failed", "cancelled"):
+            time.sleep(0.2)  # one job at a time: the next one meets an idle worker
+    return out
+
+
+def untimed(figure: dict, smoke: bool) -> dict:
+    """The smoke run reports no time-based figure: they mean nothing on a busy CI machine."""
+    timed = ("requests_per_s", "p50_ms", "p99_ms", "max_ms", "to_running_s", "to_first_step_s")
+    return {k: (None if smoke and k in timed else v) for k, v in figure.items()}
+
+
+def run(args, emit) -> None:
+    import httpx
+
+    clients, seconds = (2, 1.0) if args.smoke else (args.api_clients, args.api_seconds)
+    svc = Service(args.backbone)
+    try:
+        _, secret = svc.store.create_key("bench")
+        base = {"impl": "primer", "clients": clients, "seconds": seconds, "store": "postgres", "broker": "redis"}
+
+        async def post(http, i):
+            return await http.post("/jobs", json=spec(svc.backbone, i))
+
+        async def get(http, i):
+            return await http.get(f"/jobs/{ids[i % len(ids)]}")
+
+        ids: list[str] = []
+        for name, request in (("api POST /jobs", post), ("api GET /jobs/{id}", get)):
+            for rate in (0.0, args.api_rate):
+                figure = asyncio.run(load(svc.url, secret, clients, seconds, request, rate))
+                emit({"figure": name, **base, **untimed(figure, args.smoke)})
+            ids = ids or [j.id for j in svc.store.list_jobs(limit=100)[0]]
+
+        svc.redis.flushdb()  # the load's jobs never reach a worker; the delay is measured on an idle one
+        svc.start_worker()
+        with httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {secret}"}, timeout=60) as http:
+            delays = queue_delay(svc, http, 1 if args.smoke else 3)
+        emit({"figure": "queueing delay", "impl": "primer", "jobs": len(delays), **untimed({
+            "to_running_s": round(statistics.median(d["to_running_s"] for d in delays), 3),
+            "to_first_step_s": round(statistics.median(d["to_first_step_s"] for d in delays), 3)}, args.smoke)})
+    finally:
+        svc.close()

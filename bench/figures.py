@@ -1,0 +1,201 @@
+"""The model-side figures: meta-training, prompt tuning and evaluation, primer against the
+reference implementations of bench/reference.py on the same backbone, data and lengths. Each
+pair is checked to compute the same thing before it is timed."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from bench import reference
+from bench.measure import Timing, measure
+from core.algorithms.episodes import TaskEpisodes
+from core.algorithms.pt import make_optimizer
+from core.algorithms.upstream import ALGORITHMS, UpstreamConfig, meta_train
+from core.backbones.soft_prompt import SoftPromptModel
+from core.tasks.base import Example, Split
+
+
+@dataclass
+class Setup:
+    model: SoftPromptModel
+    sources: dict[str, list[Split]]  # meta-training
+    train: list[Example]  # prompt tuning
+    test: list[Example]  # evaluation
+    options: tuple[str, ...]
+    static_length: int  # the reference's fixed padded length (input + the longest answer)
+    warmup: int
+    repeats: int
+    meta_steps: int  # outer steps per repeat
+    pt_steps: int
+    batch_size: int
+    inner_lr: float
+    eval_examples: int
+    smoke: bool  # run everything once, time nothing
+    profile: bool = False  # after timing, run each implementation once more under torch.profiler
+
+
+Emit = Callable[[dict], None]
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _timed(s: Setup, work: Callable[[], int], name: str = "") -> Timing | None:
+    if s.smoke:
+        work()
+        return None
+    timing = measure(work, s.model.backbone.device, s.warmup, s.repeats)
+    if s.profile:
+        profile(work, s.model.backbone.device, name)
+    return timing
+
+
+def profile(work: Callable[[], int], device: torch.device, name: str, rows: int = 12) -> None:
+    """Where the time of one run of `work` goes, by operator (self time), to stderr."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        work()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n### profile: {name}\n" + prof.key_averages().table(sort_by=key, row_limit=rows), file=sys.stderr)
+
+
+def _line(figure: str, impl: str, t: Timing | None, unit: str, **extra) -> dict:
+    timing = {unit: round(t.per_second, 3), "peak_mb": round(t.peak_mb, 1), "items": t.items,
+              "seconds": [round(x, 3) for x in t.seconds]} if t else {unit: None, "peak_mb": None}
+    return {"figure": figure, "impl": impl, **timing, **extra}
+
+
+def meta(s: Setup, algorithm: str, emit: Emit) -> None:
+    """Episodes per second of `algorithm` over `meta_steps` outer steps, primer's meta_train
+    against the paper's loop on the same episodes, after checking one meta-gradient."""
+    algo = ALGORITHMS[algorithm]
+    cfg = UpstreamConfig(algorithm=algorithm, steps=s.meta_steps, inner_lr=s.inner_lr, outer_lr=0.5,
+                         optimizer="adafactor").resolved()
+    support = cfg.inner_batch_size * (cfg.inner_steps if algo.support_per_inner_step else 1)
+    query = cfg.inner_batch_size if algo.uses_query else 0
+    episodes = TaskEpisodes(s.sources, cfg.seed)
+    loss = reference.PaperLoss(s.model, s.static_length)
+    init = s.model.prompt.detach().clone()
+
+    def ref_grad(prompt, ep):
+        if algorithm == "reptile":
+            return reference.reptile_grad(loss, prompt, ep.support, cfg.inner_lr, cfg.inner_steps, cfg.inner_batch_size)
+        return reference.maml_grad(loss, prompt, ep.support, ep.query, cfg.inner_lr, cfg.inner_steps,
+                                   first_order=algorithm == "fomaml")
+
+    ep = episodes.episode(0, support, query)
+    ours, _ = algo.grad(s.model, init, ep, cfg.inner_lr, cfg.inner_steps)
+    theirs, _ = ref_grad(init, ep)
+    diff = _relative(ours, theirs)
+    if not diff < 1e-3:
+        raise AssertionError(f"{algorithm}: primer's meta-gradient differs from the reference's by {diff:.2e} (relative)")
+
+    def primer_run() -> int:
+        meta_train(s.model, s.sources, init, cfg)
+        return cfg.steps * cfg.meta_batch
+
+    def reference_run() -> int:
+        prompt = torch.nn.Parameter(init.clone())
+        opt = make_optimizer("adafactor", [prompt], 0.5, 1e-5)
+        for step in range(1, cfg.steps + 1):
+            grad = torch.zeros_like(prompt)
+            for j in range(cfg.meta_batch):
+                grad += ref_grad(prompt.detach(), episodes.episode((step - 1) * cfg.meta_batch + j, support, query))[0]
+            prompt.grad = grad / cfg.meta_batch if algo.average else grad
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return cfg.steps * cfg.meta_batch
+
+    check = {"grad_relative_diff": float(f"{diff:.3g}")}
+    emit(_line(f"meta/{algorithm}", "primer", _timed(s, primer_run, f"meta/{algorithm} primer"), "episodes_per_s", **check))
+    emit(_line(f"meta/{algorithm}", "paper-loop+higher", _timed(s, reference_run, f"meta/{algorithm} reference"), "episodes_per_s", **check))
+
+
+def _batches(s: Setup) -> list[list[Example]]:
+    g = torch.Generator().manual_seed(0)
+    order = torch.randint(len(s.train), (s.pt_steps * s.batch_size,), generator=g).tolist()
+    return [[s.train[i] for i in order[k * s.batch_size:(k + 1) * s.batch_size]] for k in range(s.pt_steps)]
+
+
+def pt(s: Setup, peft: reference.Peft, emit: Emit) -> None:
+    """Prompt-tuning steps per second (forward, backward, AdamW step) on the same batches."""
+    batches = _batches(s)
+    init = s.model.prompt.detach().clone()
+    with torch.no_grad():
+        peft.prompt.copy_(init)
+    ours, theirs = s.model.loss(batches[0]).item(), peft.loss(peft.batch(batches[0])).item()
+    diff = abs(ours - theirs) / abs(theirs)
+    if not diff < 1e-4:
+        raise AssertionError(f"prompt tuning: primer's loss {ours} differs from PEFT's {theirs}")
+
+    def run(params: list[torch.nn.Parameter], loss: Callable[[list[Example]], torch.Tensor]) -> int:
+        with torch.no_grad():
+            params[0].copy_(init)
+        opt = torch.optim.AdamW(params, lr=0.01, weight_decay=1e-5)
+        for batch in batches:
+            value = loss(batch)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+        return len(batches)
+
+    peft_batches = {id(b): peft.batch(b) for b in batches}  # tokenized up front, as a DataLoader would
+    check = {"loss_relative_diff": float(f"{diff:.3g}")}
+    emit(_line("pt", "primer", _timed(s, lambda: run([s.model.prompt], s.model.loss), "pt primer"), "steps_per_s", **check))
+    emit(_line("pt", "peft", _timed(s, lambda: run([peft.prompt], lambda b: peft.loss(peft_batches[id(b)])), "pt peft"),
+               "steps_per_s", **check))
+    with torch.no_grad():
+        s.model.prompt.copy_(init)
+
+
+def _tuned(s: Setup, steps: int) -> torch.Tensor:
+    """The prompt after `steps` of prompt tuning on the target's train split (untimed), so that
+    both evaluations score a prompt that has learned the task and its answer words."""
+    prompt = torch.nn.Parameter(s.model.prompt.detach().clone())
+    opt = torch.optim.AdamW([prompt], lr=0.01, weight_decay=1e-5)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        loss = s.model.loss([s.train[i] for i in torch.randint(len(s.train), (s.batch_size,), generator=g).tolist()],
+                            prompt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return prompt.detach()
+
+
+def evaluation(s: Setup, peft: reference.Peft, emit: Emit) -> None:
+    """Examples per second and accuracy: primer's rank classification against PEFT's greedy
+    `generate` and a string match, the same prompt (tuned on the target first) in both."""
+    examples = s.test[:s.eval_examples]
+    gold = [e.output for e in examples]
+    tuned = _tuned(s, 2 if s.smoke else 30)
+    with torch.no_grad():
+        peft.prompt.copy_(tuned)
+    longest = max(len(s.model._tokens(o, True)) for o in s.options)
+    found: dict[str, list[str]] = {}
+
+    def ours(batch_size: int = 32) -> int:
+        found["primer"] = s.model.rank(examples, [s.options] * len(examples), batch_size=batch_size, prompt=tuned)
+        return len(examples)
+
+    def theirs(batch_size: int = 32) -> int:
+        found["peft"] = peft.generate_labels(examples, s.options, max_new_tokens=longest, batch_size=batch_size)
+        return len(examples)
+
+    accuracy = lambda impl: round(sum(p == g for p, g in zip(found[impl], gold)) / len(gold), 4)  # noqa: E731
+    for impl, work in (("primer", ours), ("peft+generate", theirs)):
+        t = _timed(s, work, f"eval {impl}")
+        batched = accuracy(impl.split("+")[0])
+        # Untimed, one example at a time: a prediction should not depend on its batch. PEFT puts
+        # the left padding of `generate` between the virtual tokens and the input, which moves
+        # the input's positions relative to the prompt in every padded row.
+        work(1)
+        emit(_line("eval", impl, t, "examples_per_s", accuracy=batched, accuracy_one_by_one=accuracy(impl.split("+")[0]),
+                   examples=len(examples), prompt_tuning_steps=2 if s.smoke else 30))

@@ -1,0 +1,104 @@
+"""Timing and peak memory: warm-up, then the median of several timed repeats; then peak memory,
+as the largest rise of the CUDA allocator (GPU) or of the process's resident set (CPU) over one
+more run of the same work.
+
+On CPU the resident set only follows the live tensors if freed blocks go back to the system:
+glibc keeps small and medium frees in its heap, so for the memory run every block over 64 KiB
+is taken from mmap (mallopt M_MMAP_THRESHOLD) and the resident set is sampled every
+millisecond. That run is slower (page faults), so it is never the timed one.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+@contextlib.contextmanager
+def live_resident_set():
+    """Inside: every allocation over 64 KiB is mmapped, so freeing it lowers the resident set.
+    After: the ceilings glibc's own dynamic thresholds grow to (32 MiB mmap, 64 MiB trim), the
+    same for every implementation measured after."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: the resident set is read as it is
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    libc.malloc_trim(0)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+
+
+class PeakMemory:
+    """Bytes above the starting level at the highest point inside the `with` block."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start, self.top, self.running = rss(), rss(), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.top = max(self.top, rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+            return
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.top, rss()) - self.start
+
+
+@dataclass
+class Timing:
+    per_second: float  # items per second, median over repeats
+    seconds: list[float]  # each repeat
+    items: int  # per repeat
+    peak_mb: float  # the peak above the level before the work
+
+
+def measure(work: Callable[[], int], device: torch.device, warmup: int, repeats: int) -> Timing:
+    """`work()` does a fixed amount of work and returns how many items it did."""
+    for _ in range(warmup):
+        work()
+    seconds, items = [], 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        items = work()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    with live_resident_set() if device.type == "cpu" else contextlib.nullcontext(), PeakMemory(device) as mem:
+        work()
+    return Timing(items / statistics.median(seconds), seconds, items, mem.peak / 2**20)

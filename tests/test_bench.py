@@ -1,0 +1,36 @@
+"""The benchmark harness at tiny size (issue 6): every figure's code path runs once, the
+reference implementations are checked equal to primer's on the way, nothing is timed."""
+import json
+
+from bench.__main__ import main, parse
+
+
+def test_the_smoke_run_checks_every_pair_and_times_nothing(tiny_dir, capsys):
+    assert main(["--smoke", "--backbone", str(tiny_dir["causal"]), "--parts", "meta,pt,eval,api"]) == 0
+    out, err = capsys.readouterr()
+    lines = {(d["figure"], d["impl"]) + ((d["mode"],) if "mode" in d else ()): d for d in map(json.loads, out.splitlines())}
+    for algorithm in ("maml", "fomaml", "reptile"):
+        for impl in ("primer", "paper-loop+higher"):
+            line = lines[(f"meta/{algorithm}", impl)]
+            assert line["episodes_per_s"] is None and line["peak_mb"] is None
+            assert line["grad_relative_diff"] < 1e-3  # the same meta-gradient from both
+    assert lines[("pt", "primer")]["loss_relative_diff"] < 1e-4 and lines[("pt", "peft")]["steps_per_s"] is None
+    for impl in ("primer", "peft+generate"):
+        assert 0 <= lines[("eval", impl)]["accuracy"] <= 1 and lines[("eval", impl)]["examples_per_s"] is None
+    # rank classification does not depend on what else is in the batch
+    assert lines[("eval", "primer")]["accuracy_one_by_one"] == lines[("eval", "primer")]["accuracy"]
+    for figure, mode in [(f, m) for f in ("api POST /jobs", "api GET /jobs/{id}") for m in ("closed loop", "paced 2/s")]:
+        line = lines[(figure, "primer", mode)]
+        assert line["requests"] > 0 and line["errors"] == 0, line
+        assert line["p99_ms"] is None and line["requests_per_s"] is None
+    delay = lines[("queueing delay", "primer")]
+    assert delay["jobs"] == 1 and delay["to_first_step_s"] is None
+    assert "| meta/maml | paper-loop+higher |" in err  # the table
+
+
+def test_an_unknown_part_is_named_with_the_accepted_ones(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        parse(["--parts", "meta,speed"])
+    assert "unknown part(s) speed; accepted: meta, pt, eval, api" in capsys.readouterr().err
