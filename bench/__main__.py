@@ -1,6 +1,8 @@
 """python -m bench: primer against the MPT paper's training loop and PEFT, side by side in one
 run on one backbone, batch, prompt length and sequence lengths. One JSON line per figure on
 stdout, then a table (docs/performance.md holds the measured figures and how they were taken).
+Each meta algorithm, prompt tuning and evaluation run in a fresh process of their own, so that
+no figure's peak memory depends on what ran before it.
 
   python -m bench                         # SmolLM2-135M, real task data, every model-side figure
   python -m bench --parts meta --repeats 5
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 
 PARTS = ("meta", "pt", "eval", "api")
@@ -41,6 +44,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="also print where each implementation's time goes "
                                                            "(torch.profiler, by operator) to stderr")
     p.add_argument("--smoke", action="store_true", help="run every path once on synthetic data; time nothing")
+    p.add_argument("--one-process", action="store_true",
+                   help="measure every model-side figure in this process (by default each meta algorithm, "
+                        "pt and eval runs in a fresh process, so that no figure's peak memory depends on "
+                        "what ran before it)")
+    p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)  # a child of the default run
     args = p.parse_args(argv)
     unknown = sorted(set(args.parts.split(",")) - set(PARTS))
     if unknown:
@@ -131,7 +139,25 @@ def table(lines: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def units(args) -> list[tuple[str, str]]:
+    """The model-side figures as (part, algorithms), each measured in a process of its own."""
+    parts = args.parts.split(",")
+    out = [("meta", a) for a in args.algorithms.split(",")] if "meta" in parts else []
+    return out + [(p, args.algorithms) for p in ("pt", "eval") if p in parts]
+
+
+def isolated(argv: list[str], part: str, algorithms: str, emit) -> None:
+    """One figure in a fresh interpreter (the same options; the last --parts wins); its JSON
+    lines are relayed, its stderr (progress, profiles) passes through."""
+    cmd = [sys.executable, "-m", "bench", *argv, "--parts", part, "--algorithms", algorithms, "--one-process", "--quiet"]
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    for line in out.splitlines():
+        if line.startswith("{"):
+            emit(json.loads(line))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
     parts = args.parts.split(",")
     lines: list[dict] = []
@@ -140,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(line)
         print(json.dumps(line), flush=True)
 
-    emit({"figure": "machine", "impl": "-", **machine(args)})
-    if {"meta", "pt", "eval"} & set(parts):
+    if not args.quiet:
+        emit({"figure": "machine", "impl": "-", **machine(args)})
+    if not args.one_process and len(units(args)) > 1:
+        for part, algorithms in units(args):
+            isolated(argv, part, algorithms, emit)
+    elif {"meta", "pt", "eval"} & set(parts):
         from bench import figures, reference
 
         s = setup(args)
@@ -158,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         from bench import api
 
         api.run(args, emit)
-    print(table([line for line in lines if line["figure"] != "machine"]), file=sys.stderr)
+    if not args.quiet:
+        print(table([line for line in lines if line["figure"] != "machine"]), file=sys.stderr)
     return 0
 
 
