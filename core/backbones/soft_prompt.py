@@ -146,6 +146,26 @@ class SoftPromptModel(nn.Module):
 
     # ---- prediction -----------------------------------------------------------------------
 
+    def _prefix(self, batch: Batch, prompt: torch.Tensor | None):
+        """Causal LMs, no gradient: the KV cache of [prompt; input] for every row, the hidden
+        state of each row's last real token, the attention mask and the lengths. A prompt
+        shared by all rows is run once (its keys and values do not depend on the input that
+        follows it) and its cache copied to every row: the backbone sees P fewer tokens per row."""
+        p = self.prompt if prompt is None else prompt
+        p = (p.unsqueeze(0) if p.dim() == 2 else p).to(self.backbone.model.get_input_embeddings().weight.dtype)
+        B, P, dev = batch.ids.shape[0], p.shape[1], batch.ids.device
+        base = self.backbone.model.base_model
+        cache = base(inputs_embeds=p, position_ids=torch.arange(P, device=dev)[None].expand(p.shape[0], -1),
+                     use_cache=True).past_key_values
+        if p.shape[0] != B:
+            cache.batch_repeat_interleave(B)
+        mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], dim=1)
+        res = base(inputs_embeds=self.backbone.embed(batch.ids), attention_mask=mask,
+                   position_ids=P + (batch.mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache, use_cache=True)
+        lengths = mask.sum(1)
+        last = res.last_hidden_state[torch.arange(B, device=dev), lengths - 1 - P]
+        return last, res.past_key_values, mask, lengths
+
     @torch.no_grad()
     def rank(self, examples: list[Example], options: list[tuple[str, ...]], batch_size: int = 32,
              prompt: torch.Tensor | None = None) -> list[str]:
@@ -176,14 +196,9 @@ class SoftPromptModel(nn.Module):
         """Causal LMs: run [prompt; input] once per input with a KV cache, then all of its
         options as continuations of that cache: the prefix is not recomputed per option."""
         model, pad = self.backbone.model, self.backbone.tokenizer.pad_token_id
-        batch = self.encode(inputs, None)
-        embeds, mask, _ = self._with_prompt(batch, prompt)
-        lengths = mask.sum(1)
-        res = model.base_model(inputs_embeds=embeds, attention_mask=mask,
-                               position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+        last, cache, mask, lengths = self._prefix(self.encode(inputs, None), prompt)
         dev, idx = mask.device, torch.tensor(rows, device=mask.device)
-        last = res.last_hidden_state[torch.arange(len(inputs), device=dev), lengths - 1][idx]
-        cache = res.past_key_values
+        last = last[idx]
         cache.reorder_cache(idx)  # one copy of each input's cache per option
         ans = [self._tokens(a, True) for a in answers]
         A = max(map(len, ans))
@@ -216,20 +231,17 @@ class SoftPromptModel(nn.Module):
     def _generate(self, inputs: list[str], prompt: torch.Tensor | None) -> list[str]:
         tok = self.backbone.tokenizer
         batch = self.encode(inputs, None)
-        embeds, mask, _ = self._with_prompt(batch, prompt)
         model = self.backbone.model
         if not self.causal:
+            embeds, mask, _ = self._with_prompt(batch, prompt)
             ids = model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False,
                                  num_beams=1, max_new_tokens=self.max_answer_tokens)
             return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
         # Greedy decoding with a KV cache. Sequences are right-padded, so each one's next token
         # goes at its own length; pads stay masked out, and positions count real tokens only.
-        lengths = mask.sum(1)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        res = model.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                               use_cache=True)
-        last = self._head(res.last_hidden_state[torch.arange(len(inputs), device=mask.device), lengths - 1])
-        cache, done = res.past_key_values, torch.zeros(len(inputs), dtype=torch.bool, device=mask.device)
+        last, cache, mask, lengths = self._prefix(batch, prompt)
+        last = self._head(last)
+        done = torch.zeros(len(inputs), dtype=torch.bool, device=mask.device)
         generated: list[list[int]] = [[] for _ in inputs]
         for _ in range(self.max_answer_tokens):
             nxt = last.argmax(-1)
