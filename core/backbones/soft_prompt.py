@@ -115,16 +115,39 @@ class SoftPromptModel(nn.Module):
         cap = getattr(self.backbone.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
+    def _prompt_cache(self, prompt: torch.Tensor | None, rows: int):
+        """Causal LMs: the KV cache of the soft prompt alone, one per row. In a causal model the
+        prompt's keys and values do not depend on the text after it, so a prompt shared by all
+        rows goes through the backbone once and its cache is copied to every row (gradients
+        flow back through the copies): each row's forward then runs its own tokens only, P
+        fewer than [prompt; input]. A (rows, P, d) prompt, one per row, runs as a batch."""
+        p = self.prompt if prompt is None else prompt
+        p = (p.unsqueeze(0) if p.dim() == 2 else p).to(self.backbone.model.get_input_embeddings().weight.dtype)
+        P = p.shape[1]
+        positions = torch.arange(P, device=p.device)[None].expand(p.shape[0], -1)
+        cache = self.backbone.model.base_model(inputs_embeds=p, position_ids=positions, use_cache=True).cache
+        if p.shape[0] != rows:
+            cache.batch_repeat_interleave(rows)
+        return cache, P
+
+    def _after_prompt(self, batch: Batch, prompt: torch.Tensor | None, use_cache: bool):
+        """Causal LMs: the backbone over each row's tokens after the prompt's cache; the output,
+        the attention mask over [prompt; tokens] and P. Positions count real tokens only."""
+        B = batch.ids.shape[0]
+        cache, P = self._prompt_cache(prompt, B)
+        mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], dim=1)
+        out = self.backbone.model.base_model(inputs_embeds=self.backbone.embed(batch.ids), attention_mask=mask,
+                                             position_ids=P + (batch.mask.cumsum(1) - 1).clamp(min=0),
+                                             cache=cache, use_cache=use_cache)
+        return out, mask, P
+
     def answer_logits(self, batch: Batch, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Logits at the positions that predict answer tokens, in Batch.answer_ids order: (N, V)."""
-        embeds, mask, P = self._with_prompt(batch, prompt)
-        model = self.backbone.model
         if self.causal:
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            hidden = model.base_model(inputs_embeds=embeds, attention_mask=mask,
-                                      position_ids=positions, use_cache=False).last_hidden_state
-            return self._head(hidden[batch.answer_rows, batch.answer_pos + P])
-        out = model(inputs_embeds=embeds, attention_mask=mask, labels=batch.answer, use_cache=False)
+            out, _, _ = self._after_prompt(batch, prompt, use_cache=False)
+            return self._head(out.last_hidden_state[batch.answer_rows, batch.answer_pos])
+        embeds, mask, _ = self._with_prompt(batch, prompt)
+        out = self.backbone.model(inputs_embeds=embeds, attention_mask=mask, labels=batch.answer, use_cache=False)
         return out.logits[batch.answer != -100]
 
     def answer_logprobs(self, batch: Batch, prompt: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,24 +170,12 @@ class SoftPromptModel(nn.Module):
     # ---- prediction -----------------------------------------------------------------------
 
     def _prefix(self, batch: Batch, prompt: torch.Tensor | None):
-        """Causal LMs, no gradient: the KV cache of [prompt; input] for every row, the hidden
-        state of each row's last real token, the attention mask and the lengths. A prompt
-        shared by all rows is run once (its keys and values do not depend on the input that
-        follows it) and its cache copied to every row: the backbone sees P fewer tokens per row."""
-        p = self.prompt if prompt is None else prompt
-        p = (p.unsqueeze(0) if p.dim() == 2 else p).to(self.backbone.model.get_input_embeddings().weight.dtype)
-        B, P, dev = batch.ids.shape[0], p.shape[1], batch.ids.device
-        base = self.backbone.model.base_model
-        cache = base(inputs_embeds=p, position_ids=torch.arange(P, device=dev)[None].expand(p.shape[0], -1),
-                     use_cache=True).past_key_values
-        if p.shape[0] != B:
-            cache.batch_repeat_interleave(B)
-        mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], dim=1)
-        res = base(inputs_embeds=self.backbone.embed(batch.ids), attention_mask=mask,
-                   position_ids=P + (batch.mask.cumsum(1) - 1).clamp(min=0), past_key_values=cache, use_cache=True)
+        """Causal LMs: the KV cache of [prompt; input] for every row, the hidden state of each
+        row's last real token, the attention mask and the lengths."""
+        res, mask, P = self._after_prompt(batch, prompt, use_cache=True)
         lengths = mask.sum(1)
-        last = res.last_hidden_state[torch.arange(B, device=dev), lengths - 1 - P]
-        return last, res.past_key_values, mask, lengths
+        last = res.last_hidden_state[torch.arange(len(lengths), device=mask.device), lengths - 1 - P]
+        return last, res.cache, mask, lengths
 
     @torch.no_grad()
     def rank(self, examples: list[Example], options: list[tuple[str, ...]], batch_size: int = 32,
@@ -214,7 +225,7 @@ class SoftPromptModel(nn.Module):
             out = model.base_model(inputs_embeds=self.backbone.embed(ids[:, :-1]),
                                    attention_mask=torch.cat([mask[idx], amask[:, :-1]], 1),
                                    position_ids=lengths[idx, None] + torch.arange(A - 1, device=dev),
-                                   past_key_values=cache, use_cache=False).last_hidden_state
+                                   cache=cache, use_cache=False).last_hidden_state
             predictors = torch.cat([predictors, out], dim=1)
         predictors = predictors[amask.bool()]
         lp = torch.log_softmax(self._head(predictors).float(), -1).gather(1, ids[amask.bool()][:, None]).squeeze(1)
@@ -255,8 +266,8 @@ class SoftPromptModel(nn.Module):
                 break
             mask = torch.cat([mask, mask.new_ones(len(inputs), 1)], dim=1)
             res = model.base_model(inputs_embeds=self.backbone.embed(nxt[:, None]), attention_mask=mask,
-                                   position_ids=lengths[:, None], past_key_values=cache, use_cache=True)
-            cache, lengths = res.past_key_values, lengths + 1
+                                   position_ids=lengths[:, None], cache=cache, use_cache=True)
+            cache, lengths = res.cache, lengths + 1
             last = self._head(res.last_hidden_state[:, -1])
         return [tok.decode(g, skip_special_tokens=True).strip() for g in generated]
 
