@@ -1,5 +1,6 @@
 """SoftPromptModel on tiny random Llama and T5 backbones: what trains, what is scored, and that
-the shortcuts (answer-only LM head, KV-cache greedy decoding) give the plain model's numbers."""
+the shortcuts (answer-only LM head, the prompt's KV cache shared by a batch, KV-cache greedy
+decoding) give the plain model's numbers."""
 import hashlib
 
 import pytest
@@ -74,6 +75,12 @@ def test_answer_only_head_on_a_padded_batch_equals_the_full_forward(tiny_backbon
     together = model.answer_logprobs(batch)
     alone = torch.cat([full_forward_logprobs(model, e) for e in examples])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    # The prompt's KV cache, run once and copied to every row, passes the same gradient back
+    # to the prompt as the plain forward of [prompt; input] per example.
+    (ours,) = torch.autograd.grad(together.sum(), model.prompt)
+    (plain,) = torch.autograd.grad(alone.sum(), model.prompt)
+    assert plain.norm() > 0
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-4)
 
 
 def test_one_prompt_per_example_equals_shared_prompts(tiny_backbone):

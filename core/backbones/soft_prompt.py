@@ -124,6 +124,8 @@ class SoftPromptModel(nn.Module):
         p = self.prompt if prompt is None else prompt
         p = (p.unsqueeze(0) if p.dim() == 2 else p).to(self.backbone.model.get_input_embeddings().weight.dtype)
         P = p.shape[1]
+        if P == 0:  # fine-tuning runs the backbone on the text alone
+            return None, 0
         positions = torch.arange(P, device=p.device)[None].expand(p.shape[0], -1)
         cache = self.backbone.model.base_model(inputs_embeds=p, position_ids=positions, use_cache=True).cache
         if p.shape[0] != rows:
