@@ -66,8 +66,10 @@ def full_forward_logprobs(model: SoftPromptModel, example: Example) -> torch.Ten
     return torch.log_softmax(picked, -1).gather(1, batch.answer_ids[:, None]).squeeze(1)
 
 
-def test_answer_only_head_on_a_padded_batch_equals_the_full_forward(tiny_backbone):
+@pytest.mark.parametrize("cache_rows", [1, 100], ids=["prompt KV cache shared", "prompt concatenated"])
+def test_answer_only_head_on_a_padded_batch_equals_the_full_forward(tiny_backbone, cache_rows):
     model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 3, "random"))
+    model.PROMPT_CACHE_ROWS = cache_rows
     examples = [Example("the movie was good and the film was great", ("positive",)),
                 Example("awful", ("a bad movie",)), Example("what color is the sky ?", ("blue",))]
     batch = model.encode([e.input for e in examples], [e.output for e in examples])
@@ -93,11 +95,13 @@ def test_one_prompt_per_example_equals_shared_prompts(tiny_backbone):
     torch.testing.assert_close(per_example, torch.cat([first, second]), atol=1e-5, rtol=1e-5)
 
 
-def test_cached_greedy_decoding_equals_transformers_generate(tiny_dir):
+@pytest.mark.parametrize("cache_rows", [1, 100], ids=["prompt KV cache shared", "prompt concatenated"])
+def test_cached_greedy_decoding_equals_transformers_generate(tiny_dir, cache_rows):
     from core.backbones import load
 
     backbone = load(str(tiny_dir["causal"]))
     model = SoftPromptModel(backbone, init_prompt(backbone, 4, "vocab"), max_answer_tokens=6)
+    model.PROMPT_CACHE_ROWS = cache_rows
     examples = [Example("what color is the sky ?", ("blue",)), Example("hello", ("friend",)),
                 Example("the capital of france is", ("paris",))]
     ours = model.generate(examples)
@@ -123,8 +127,10 @@ def test_prompt_width_must_match_the_backbone(tiny_backbone):
         SoftPromptModel(tiny_backbone, torch.zeros(4, 7))
 
 
-def test_option_scores_with_a_shared_prefix_cache_equal_full_sequences(tiny_backbone):
+@pytest.mark.parametrize("cache_rows", [1, 100], ids=["prompt KV cache shared", "prompt concatenated"])
+def test_option_scores_with_a_shared_prefix_cache_equal_full_sequences(tiny_backbone, cache_rows):
     model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 3, "random", seed=4))
+    model.PROMPT_CACHE_ROWS = cache_rows
     inputs = ["the movie was good and great", "awful", "what color is the sky ?"]
     options = [("positive", "negative"), ("a bad movie", "great", "the film"), ("blue",)]
     shared = model.option_logliks(inputs, options)

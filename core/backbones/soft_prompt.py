@@ -115,39 +115,42 @@ class SoftPromptModel(nn.Module):
         cap = getattr(self.backbone.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    def _prompt_cache(self, prompt: torch.Tensor | None, rows: int):
-        """Causal LMs: the KV cache of the soft prompt alone, one per row. In a causal model the
-        prompt's keys and values do not depend on the text after it, so a prompt shared by all
-        rows goes through the backbone once and its cache is copied to every row (gradients
-        flow back through the copies): each row's forward then runs its own tokens only, P
-        fewer than [prompt; input]. A (rows, P, d) prompt, one per row, runs as a batch."""
-        p = self.prompt if prompt is None else prompt
-        p = (p.unsqueeze(0) if p.dim() == 2 else p).to(self.backbone.model.get_input_embeddings().weight.dtype)
-        P = p.shape[1]
-        if P == 0:  # fine-tuning runs the backbone on the text alone
-            return None, 0
-        positions = torch.arange(P, device=p.device)[None].expand(p.shape[0], -1)
-        cache = self.backbone.model.base_model(inputs_embeds=p, position_ids=positions, use_cache=True).cache
-        if p.shape[0] != rows:
-            cache.batch_repeat_interleave(rows)
-        return cache, P
+    # A shared prompt's KV cache pays off from this many rows on: SmolLM2-135M on 2 CPU cores,
+    # prompt 20, a loss and its backward took 0.95x as long as [prompt; input] at 2 rows and
+    # 1.26x at 8; a MAML meta-gradient 0.90x at 2 rows and 1.11x at 4 (docs/performance.md).
+    PROMPT_CACHE_ROWS = 4
 
     def _after_prompt(self, batch: Batch, prompt: torch.Tensor | None, use_cache: bool):
-        """Causal LMs: the backbone over each row's tokens after the prompt's cache; the output,
-        the attention mask over [prompt; tokens] and P. Positions count real tokens only."""
-        B = batch.ids.shape[0]
-        cache, P = self._prompt_cache(prompt, B)
+        """Causal LMs: the backbone over [prompt; tokens] of every row. Returns the output, the
+        attention mask over [prompt; tokens], P, and the index of the first text token in the
+        output. Positions count real tokens only (rows are right-padded).
+
+        In a causal model the prompt's keys and values do not depend on the text after it, so
+        a prompt shared by at least PROMPT_CACHE_ROWS rows goes through the backbone once and
+        its KV cache is copied to every row (gradients flow back through the copies): each
+        row's forward then runs its own tokens only, P fewer. Otherwise (few rows, one prompt
+        per row, or none) the prompt is concatenated in front of the token embeddings."""
+        base, B = self.backbone.model.base_model, batch.ids.shape[0]
+        p = self.prompt if prompt is None else prompt
+        P = p.shape[-2]
+        if p.dim() == 3 or P == 0 or B < self.PROMPT_CACHE_ROWS:
+            embeds, mask, P = self._with_prompt(batch, prompt)
+            out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                       use_cache=use_cache)
+            return out, mask, P, P
+        p = p[None].to(self.backbone.model.get_input_embeddings().weight.dtype)
+        cache = base(inputs_embeds=p, position_ids=torch.arange(P, device=p.device)[None], use_cache=True).cache
+        cache.batch_repeat_interleave(B)
         mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], dim=1)
-        out = self.backbone.model.base_model(inputs_embeds=self.backbone.embed(batch.ids), attention_mask=mask,
-                                             position_ids=P + (batch.mask.cumsum(1) - 1).clamp(min=0),
-                                             cache=cache, use_cache=use_cache)
-        return out, mask, P
+        out = base(inputs_embeds=self.backbone.embed(batch.ids), attention_mask=mask,
+                   position_ids=P + (batch.mask.cumsum(1) - 1).clamp(min=0), cache=cache, use_cache=use_cache)
+        return out, mask, P, 0
 
     def answer_logits(self, batch: Batch, prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Logits at the positions that predict answer tokens, in Batch.answer_ids order: (N, V)."""
         if self.causal:
-            out, _, _ = self._after_prompt(batch, prompt, use_cache=False)
-            return self._head(out.last_hidden_state[batch.answer_rows, batch.answer_pos])
+            out, _, _, first = self._after_prompt(batch, prompt, use_cache=False)
+            return self._head(out.last_hidden_state[batch.answer_rows, batch.answer_pos + first])
         embeds, mask, _ = self._with_prompt(batch, prompt)
         out = self.backbone.model(inputs_embeds=embeds, attention_mask=mask, labels=batch.answer, use_cache=False)
         return out.logits[batch.answer != -100]
@@ -174,9 +177,9 @@ class SoftPromptModel(nn.Module):
     def _prefix(self, batch: Batch, prompt: torch.Tensor | None):
         """Causal LMs: the KV cache of [prompt; input] for every row, the hidden state of each
         row's last real token, the attention mask and the lengths."""
-        res, mask, P = self._after_prompt(batch, prompt, use_cache=True)
+        res, mask, P, first = self._after_prompt(batch, prompt, use_cache=True)
         lengths = mask.sum(1)
-        last = res.last_hidden_state[torch.arange(len(lengths), device=mask.device), lengths - 1 - P]
+        last = res.last_hidden_state[torch.arange(len(lengths), device=mask.device), lengths - 1 - P + first]
         return last, res.cache, mask, lengths
 
     @torch.no_grad()
