@@ -115,9 +115,10 @@ class SoftPromptModel(nn.Module):
         cap = getattr(self.backbone.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    # A shared prompt's KV cache pays off from this many rows on: SmolLM2-135M on 2 CPU cores,
-    # prompt 20, a loss and its backward took 0.95x as long as [prompt; input] at 2 rows and
-    # 1.26x at 8; a MAML meta-gradient 0.90x at 2 rows and 1.11x at 4 (docs/performance.md).
+    # A shared prompt's KV cache pays off from this many rows on. SmolLM2-135M on 2 CPU cores,
+    # prompt 20: a loss and its backward ran 0.93x as fast as with the prompt concatenated at
+    # 2 rows, 1.09x at 4, 1.25x at 8; a MAML meta-gradient 0.90x at 2 rows, 1.06x at 4
+    # (scripts/prompt_cache.py; docs/performance.md).
     PROMPT_CACHE_ROWS = 4
 
     def _after_prompt(self, batch: Batch, prompt: torch.Tensor | None, use_cache: bool):
