@@ -32,6 +32,14 @@ class Settings(BaseSettings):
     # Longest a broker waits before it hands an unacknowledged task to another worker (s);
     # must exceed the longest task.
     visibility_timeout: int = 4 * 3600
+    # Leases (docs: docs/reliability.md): a worker beats every heartbeat_seconds while it runs a
+    # step; a step whose beat is older than lease_seconds is taken as lost and sent again, at most
+    # max_attempts times in all. Every reconcile_seconds a worker also re-sends steps whose broker
+    # message is gone (a broker restarted without persistence) and jobs stored but never sent.
+    heartbeat_seconds: float = 10.0
+    lease_seconds: float = 120.0
+    reconcile_seconds: float = 30.0
+    max_attempts: int = 3
     max_upload_bytes: int = 20 * 1024 * 1024
     max_body_bytes: int = 1024 * 1024  # JSON bodies (specs)
     cors_origins: str = ""  # comma-separated; CORS is off unless set

@@ -47,3 +47,18 @@ def store(request, tmp_path):
     s.upgrade()
     yield s
     s.engine.dispose()
+
+
+_STARTED = __import__("time").monotonic()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After a full green run, write the hardening tests' figures to docs/reliability.md."""
+    import time
+    from pathlib import Path
+
+    from tests import reliability
+
+    if exitstatus == 0 and reliability.complete():
+        out = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
+        out.write_text(reliability.render(time.monotonic() - _STARTED))
