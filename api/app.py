@@ -12,6 +12,7 @@ import html
 import io
 import json
 import logging
+import math
 import re
 import tempfile
 import time
@@ -27,8 +28,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import schemas as S
+from api.limits import RateLimiter, limits
 from core.settings import settings
 
 if TYPE_CHECKING:
@@ -43,10 +46,18 @@ TASK_TYPES = ("classification", "multiple_choice", "qa", "generation", "regressi
 TASK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 CROSSFIT_FILE = re.compile(r"(?P<task>.+)_\d+_\d+_(train|dev|test)\.tsv")
 FORM_SLACK = 64 * 1024  # multipart boundaries and text fields on top of the files themselves
+# Compressed or packed files start with these bytes. A task file is plain text; an archive is refused
+# by its first bytes and never opened, so a zip or gzip bomb costs nothing.
+ARCHIVES = {b"PK\x03\x04": "zip", b"PK\x05\x06": "zip", b"\x1f\x8b": "gzip", b"BZh": "bzip2",
+            b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"7z\xbc\xaf\x27\x1c": "7z",
+            b"Rar!\x1a\x07": "rar"}
+MAX_EVENT_ID = 2**31 - 1  # events.id is a 32-bit integer column: a larger `after` is an error in Postgres
 
 JOB_BODY_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "description": "a job spec: the fields of core.spec.JobSpec (name, backbone, prompt, "
-                                     "targets, upstream, downstream, ...)"}}}}}
+                                     "targets, upstream, downstream, ...)"},
+    "example": {"name": "demo", "targets": ["sms_spam"],
+                "downstream": {"seeds": [13], "lrs": [0.3], "max_steps": 10}}}}}}
 UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["name", "files"], "properties": {
         "name": {"type": "string", "pattern": TASK_NAME.pattern},
@@ -80,6 +91,36 @@ def unprocessable(loc: list, msg: str) -> HTTPException:
     return HTTPException(422, [{"loc": loc, "msg": msg}])
 
 
+def first_bad_value(value) -> tuple[list, str] | None:
+    """(path, problem) of the first value in parsed JSON that no store column takes: NaN or
+    ±Infinity (Python's json reads them, and 1e400 as inf; JSON has neither), a NUL character or a
+    lone surrogate in a string (Postgres refuses both). Iterative: the nesting may be deep."""
+    stack = [([], value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            return path, ("NaN and Infinity are not JSON numbers (and a number beyond 1.8e308 reads as Infinity); "
+                          "accepted: finite numbers")
+        if isinstance(v, str) and (problem := bad_text(v)):
+            return path, problem
+        items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+        for k, item in reversed(list(items)):  # reversed onto the stack: popped in document order
+            if isinstance(k, str) and (problem := bad_text(k)):
+                return path, f"the key {k!r}: {problem}"
+            stack.append(([*path, k], item))
+    return None
+
+
+def bad_text(text: str) -> str | None:
+    if "\0" in text:
+        return "a NUL character is not accepted in text"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a lone surrogate (\\ud800 to \\udfff) is not accepted in text"
+    return None
+
+
 async def read_body(request: Request, limit: int, too_large: str) -> bytes:
     """The request body, refused with 413 (`too_large`) as soon as it is known to exceed `limit` bytes."""
     too_large = HTTPException(413, too_large)
@@ -93,6 +134,32 @@ async def read_body(request: Request, limit: int, too_large: str) -> bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def not_text(data: bytes) -> str | None:
+    """Why `data` is not a task file's text (an archive, binary, not UTF-8), or None."""
+    for magic, kind in ARCHIVES.items():
+        if data.startswith(magic):
+            return (f"is a {kind} archive; archives are not opened: upload the task's files themselves, "
+                    "uncompressed (CrossFit .tsv files, a BIG-bench task.json or a .jsonl file)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"is not UTF-8 text: byte {data[e.start]:#04x} at offset {e.start} is not valid UTF-8"
+    if "\0" in text:
+        return f"is binary, not text: it holds a NUL byte at offset {text.index(chr(0))}"
+    return None
+
+
+def too_long(parts: dict[str, list], most: int) -> str | None:
+    """Which example has an input or an answer longer than `most` characters, if one has."""
+    for part, examples in parts.items():
+        for i, ex in enumerate(examples, start=1):
+            longest = max(len(ex.input), *map(len, ex.outputs), *map(len, ex.options or ()))
+            if longest > most:
+                return (f"{part}: example {i} has a text of {longest} characters; accepted: at most {most} "
+                        "characters per input or answer")
+    return None
 
 
 def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None = None,
@@ -147,9 +214,17 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
             requests_total.labels(request.method, route, str(status)).inc()
             latency.labels(request.method, route).observe(time.perf_counter() - start)
 
+    @app.middleware("http")
+    async def refuse_nul(request: Request, call_next):
+        # a NUL reaches no route sensibly, and Postgres refuses it in text: refuse it at the door
+        if "\0" in request.scope["path"] or b"%00" in request.scope["query_string"]:
+            return JSONResponse({"detail": "a NUL character (%00) is not accepted in a URL"}, 400)
+        return await call_next(request)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_, exc: RequestValidationError):
-        return JSONResponse({"detail": [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]}, 422)
+        return JSONResponse({"detail": [{"loc": list(e["loc"]), "msg": e["msg"].removeprefix("Value error, ")}
+                                        for e in exc.errors()]}, 422)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -158,11 +233,22 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
 
     # --- auth and lookups ---------------------------------------------------------------------
     bearer = HTTPBearer(auto_error=False, description="an API key")
+    limiter = RateLimiter(limits().rate_limit)
 
     def auth(creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
         key = store.authenticate(creds.credentials) if creds else None
         if key is None:
             raise unauthorized()
+        wait = limiter.take(key.id)
+        if wait:
+            raise HTTPException(429, f"rate limit reached: at most {limiter.per_minute} requests per minute per API "
+                                     f"key; retry in {wait} s", headers={"Retry-After": str(wait)})
+        return key
+
+    def admin(key=Depends(auth)):
+        if not key.admin:
+            raise HTTPException(403, f"managing API keys needs an admin key, and key {key.id} is not one; an admin "
+                                     "creates one with POST /keys {\"admin\": true} or `primer keys create --admin`")
         return key
 
     def owner(key) -> str | None:
@@ -220,6 +306,28 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
         return {name: {"train": list(p.train), "dev": list(p.dev), "test": list(p.test),
                        "description": p.description} for name, p in catalog.partitions().items()}
 
+    # --- API keys (admin only) -----------------------------------------------------------------
+    @app.post("/keys", status_code=201, response_model=S.KeyCreated, tags=["keys"])
+    def create_key(body: S.KeyIn, key=Depends(admin)):
+        """A new key. Its secret is in this response only: the store keeps its sha256."""
+        row, secret = store.create_key(body.name, admin=body.admin)
+        log.info("key %s (%s, admin=%s) created by %s", row.id, row.name, row.admin, key.id)
+        return S.KeyCreated(**S.key_out(row).model_dump(), secret=secret)
+
+    @app.get("/keys", response_model=S.KeyList, tags=["keys"])
+    def list_keys(key=Depends(admin)):
+        return S.KeyList(keys=[S.key_out(k) for k in store.list_keys()])
+
+    @app.delete("/keys/{key_id}", response_model=S.KeyOut, tags=["keys"])
+    def revoke_key(key_id: str, key=Depends(admin)):
+        """Revoke a key: it is refused from its next request on. Revoking it again changes nothing."""
+        if store.revoke_key(key_id):
+            log.info("key %s revoked by %s", key_id, key.id)
+        row = next((k for k in store.list_keys() if k.id == key_id), None)
+        if row is None:
+            raise HTTPException(404, f"no key {key_id!r}; GET /keys lists them")
+        return S.key_out(row)
+
     # --- jobs ---------------------------------------------------------------------------------
     async def job_body(request: Request) -> dict:
         limit = settings().max_body_bytes
@@ -228,6 +336,10 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
             body = json.loads(raw)
         except ValueError as e:
             raise unprocessable(["body"], f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise unprocessable(["body"], "the body is nested too deeply; a job spec is a few levels deep") from None
+        if (bad := first_bad_value(body)) is not None:
+            raise unprocessable(["body", *bad[0]], bad[1])
         if not isinstance(body, dict):
             raise unprocessable(["body"], "a job spec is a JSON object of fields (name, backbone, prompt, targets, "
                                           f"upstream, downstream, ...), got {type(body).__name__}")
@@ -240,6 +352,11 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
             spec = core_jobs.check(body, store, key.id)
         except SpecError as e:
             raise HTTPException(422, [{"loc": list(loc), "msg": msg} for loc, msg in e.errors]) from None
+        d, most = spec.downstream, limits().max_job_runs
+        runs = len(spec.targets) * len(d.seeds) * sum(len(d.ft_lrs if m == "ft" else d.lrs) for m in spec.methods)
+        if runs > most:  # counted before core.jobs.units lists them: a million runs would be a million rows
+            raise unprocessable(["body", "downstream"], f"the job asks for {runs} downstream runs (targets x methods x "
+                                                        f"seeds x learning rates); accepted: at most {most} per job")
         try:
             job, created = store.create_job(owner=key.id, name=spec.name, spec=spec.model_dump(mode="json"),
                                             spec_hash=core_jobs.spec_hash(body), units=core_jobs.units(spec),
@@ -284,18 +401,19 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
         return view(store.request_cancel(job.id))
 
     @app.get("/jobs/{job_id}/events", response_model=S.EventList, tags=["jobs"])
-    def events(job_id: str, key=Depends(auth), after: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)):
+    def events(job_id: str, key=Depends(auth), after: int = Query(0, ge=0, le=MAX_EVENT_ID),
+               limit: int = Query(100, ge=1, le=1000)):
         find_job(job_id, key)
         rows = store.events(job_id, after, limit)
         return S.EventList(events=[S.event_out(e) for e in rows], next_after=rows[-1].id if rows else after)
 
     @app.get("/jobs/{job_id}/events/stream", tags=["jobs"], response_class=StreamingResponse)
-    async def event_stream(job_id: str, key=Depends(auth), after: int = Query(0, ge=0),
+    async def event_stream(job_id: str, key=Depends(auth), after: int = Query(0, ge=0, le=MAX_EVENT_ID),
                            last_event_id: str | None = Header(None)):
         """Server-Sent Events: the job's events as they come, then an `end` event once it has finished."""
         await run_in_threadpool(find_job, job_id, key)
         if last_event_id and last_event_id.isdigit():
-            after = max(after, int(last_event_id))
+            after = max(after, min(int(last_event_id), MAX_EVENT_ID))
 
         async def stream():
             last = after
@@ -439,7 +557,11 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
             sent = True
             return {"type": "http.request", "body": raw, "more_body": False}
 
-        form = await Request(request.scope, replay).form(max_files=100, max_fields=20)
+        try:
+            form = await Request(request.scope, replay).form(max_files=100, max_fields=20)
+        except StarletteHTTPException as e:  # the parser's own 400s say what broke, not what to send
+            raise HTTPException(400, f"the body is not valid multipart/form-data ({e.detail.rstrip('.')}); send "
+                                     "the fields name, type, options, metric and files") from None
         try:
             yield form
         finally:
@@ -467,14 +589,19 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
         files: dict[str, bytes] = {}
         for f in uploads:
             filename = f.filename or ""
-            if not filename or "/" in filename or "\\" in filename or ".." in filename or "\0" in filename:
+            # the same rule as task names: no folders, '..', backslashes, NUL or look-alike Unicode
+            if not TASK_NAME.fullmatch(filename) or ".." in filename:
                 raise unprocessable(["body", "files"], f"file name {filename!r} is not accepted: give a plain "
-                                                       "file name, without folders or '..'")
+                                                       "file name, without folders or '..', of 1 to 100 letters, "
+                                                       "digits, '_', '.' or '-'")
             if filename in files:
                 raise unprocessable(["body", "files"], f"file {filename!r} is attached twice")
             files[filename] = f.file.read()
         if sum(map(len, files.values())) > settings().max_upload_bytes:
             raise HTTPException(413, f"the upload is larger than the limit of {settings().max_upload_bytes} bytes")
+        for filename, data in files.items():
+            if problem := not_text(data):
+                raise unprocessable(["body", "files"], f"file {filename!r} {problem}")
 
         names = list(files)
         if all(CROSSFIT_FILE.fullmatch(n) for n in names):
@@ -482,13 +609,18 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
         elif names == ["task.json"]:
             fmt = "bigbench"
         elif len(names) == 1 and names[0].endswith(".jsonl"):
-            fmt, files = "jsonl", {"task.jsonl": files[names[0]]}
+            fmt = "jsonl"
         else:
             raise unprocessable(["body", "files"], f"files {names} are none of the accepted formats: CrossFit "
                                                    "<name>_<k>_<seed>_<train|dev|test>.tsv files, one BIG-bench "
                                                    "task.json, or one .jsonl file of {\"input\", \"output\"} objects")
         if kind is None and fmt != "bigbench":
             raise unprocessable(["body", "type"], f"a {fmt} task needs its type; accepted: {', '.join(TASK_TYPES)}")
+        most = limits().max_task_examples
+        lines = sum(data.count(b"\n") + (not data.endswith(b"\n")) for data in files.values())
+        if fmt != "bigbench" and lines > most:  # refused before reading: a million lines would take seconds
+            raise unprocessable(["body", "files"], f"the files hold {lines} lines; a task holds at most {most} "
+                                                   "examples, one per line")
 
         with tempfile.TemporaryDirectory() as tmp:
             try:
@@ -503,15 +635,24 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
                 elif fmt == "bigbench":
                     task = readers.read_bigbench(Path(tmp) / "task.json", given)
                 else:
-                    task = readers.read_table(Path(tmp) / "task.jsonl", given, "input", "output")
+                    task = readers.read_table(Path(tmp) / names[0], given, "input", "output")
                 info = catalog.check(TaskInfo(name, task.info.type, metric or task.info.metric, task.info.options))
             except (TaskError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
                 raise unprocessable(["body", "files"], str(e).replace(f"{tmp}/", "").replace(tmp, "")) from None
-        examples = (len(task.examples) + len(task.test or [])
-                    + sum(len(s.train) + len(s.dev) + len(s.test) for s in task.splits.values()))
+            except RecursionError:
+                raise unprocessable(["body", "files"], "the task's JSON is nested too deeply to be a task") from None
+        parts = {"examples": task.examples, "test examples": task.test or []}
+        parts |= {f"seed {seed} {part}": getattr(split, part) for seed, split in task.splits.items()
+                  for part in ("train", "dev", "test")}
+        examples = sum(map(len, parts.values()))
+        if examples > most:
+            raise unprocessable(["body", "files"], f"the task holds {examples} examples; accepted: at most {most}")
+        if problem := too_long(parts, limits().max_example_chars):
+            raise unprocessable(["body", "files"], problem)
         try:
             row = store.save_task(key.id, name, info.type, info.metric, list(info.options) if info.options else None,
-                                  fmt, examples=examples, files=files)
+                                  fmt, examples=examples,
+                                  files={"task.jsonl": files[names[0]]} if fmt == "jsonl" else files)
         except TaskExists:  # a concurrent upload of the same name won the race
             raise HTTPException(409, f"you already have a task named {name!r}; pick another name") from None
         return S.task_out(row)

@@ -2,9 +2,10 @@
 module must not pull in torch (core.store does)."""
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime, timezone
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_validator
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -124,6 +125,43 @@ class PackOut(BaseModel):
 class TaskList(BaseModel):
     tasks: list[TaskOut]
     packs: list[PackOut]
+
+
+class KeyIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200, description="who or what the key is for")
+    admin: bool = Field(False, strict=True, description="an admin key sees every key's jobs and manages keys")
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        # a NUL or a lone surrogate cannot be stored (Postgres refuses them); a newline would
+        # break the CLI's one-line-per-key listing
+        if any(unicodedata.category(c) in ("Cc", "Cs") for c in v):
+            raise ValueError("a key name is printable text: no control characters (NUL, tab, newline) "
+                             "and no lone surrogates")
+        return v
+
+
+class KeyOut(BaseModel):
+    id: str
+    name: str
+    prefix: str  # the secret's first characters, to tell keys apart; never the secret or its hash
+    admin: bool
+    created_at: str | None
+    revoked_at: str | None
+
+
+class KeyCreated(KeyOut):
+    secret: str  # shown this once: only its sha256 is stored
+
+
+class KeyList(BaseModel):
+    keys: list[KeyOut]
+
+
+def key_out(k) -> KeyOut:
+    return KeyOut(id=k.id, name=k.name, prefix=k.prefix, admin=k.admin, created_at=iso(k.created_at),
+                  revoked_at=iso(k.revoked_at))
 
 
 def job_out(job, step: int, total: int) -> JobOut:

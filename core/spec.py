@@ -23,16 +23,48 @@ def _as_refs(v, side: str = "train"):
     return [{"name": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
 
 
+# Finite caps on what a spec may ask for: generous (the papers' settings are far below them), but
+# a mistyped or hostile spec cannot ask for 10^12 steps, 10^5 seeds or a learning rate of 1e308.
+MAX_STEPS = 10**6
+MAX_SEED = 2**31 - 1  # the store keeps seeds in 32-bit integer columns
+MAX_LR = 100.0
+MAX_ITEMS = 100  # seeds, learning rates and sweep values per list
+MAX_TASKS = 1000  # targets, sources or candidates per list
+MAX_BATCH = 4096
+MAX_TOKENS = 65536  # max_input_tokens, max_answer_tokens
+MAX_SHOTS = 10**6
+
+
+
+def Whole(lo: int, hi: int):
+    """A whole number from lo to hi. A float beyond the range (JSON's 1e308) is refused here with
+    the range, before pydantic's int parsing would refuse it as an integer "exceeding maximum size"."""
+    def in_range(v):
+        if isinstance(v, float) and not lo <= v <= hi:
+            raise ValueError(f"Input should be a whole number from {lo} to {hi}, got {v!r}")
+        return v
+
+    return Annotated[int, BeforeValidator(in_range), Field(ge=lo, le=hi)]
+
+
+Steps = Whole(1, MAX_STEPS)
+Seed = Whole(0, MAX_SEED)
+Batch = Whole(1, MAX_BATCH)
+LearningRate = Annotated[float, Field(gt=0, le=MAX_LR)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+    # extra="forbid": a misspelt key is an error, not a silent default. allow_inf_nan=False:
+    # JSON's NaN/Infinity (and YAML's .nan/.inf) would pass gt=0 and train into NaN.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class PromptSpec(Strict):
-    length: int = Field(20, ge=1, le=MAX_PROMPT_TOKENS)
+    length: Whole(1, MAX_PROMPT_TOKENS) = 20
     init: str = "vocab"
     text: str | None = None  # for init: text
     path: str | None = None  # for init: file
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("init")
     @classmethod
@@ -45,19 +77,19 @@ class PromptSpec(Strict):
 class TaskRef(Strict):
     """A task by name (a pack task, or a catalog task under PRIMER_CROSSFIT_DIR), or by files."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=200)
     path: str | None = None  # a CrossFit directory, a BIG-bench task.json, or a .csv/.jsonl file
     type: Literal[TASK_TYPES] | None = None  # type: ignore[valid-type]
     metric: str | None = None
-    options: list[str] | None = None
+    options: list[str] | None = Field(None, max_length=1000)
     input_column: str | None = None
     output_column: str | None = None
 
 
 def _shots(v):
-    if v is None or v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+    if v is None or v == "all" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SHOTS):
         return v
-    raise ValueError(f"shots must be a positive number of examples per label or 'all', got {v!r}")
+    raise ValueError(f"shots must be a number of examples per label from 1 to {MAX_SHOTS}, or 'all'; got {v!r}")
 
 
 # Examples per label (per task if not classification); None: CrossFit's 16 (32 if not cls).
@@ -66,40 +98,33 @@ Shots = Annotated[int | Literal["all"] | None, BeforeValidator(_shots)]
 
 class DownstreamSpec(Strict):
     shots: Shots = None  # target training examples per label; "all": all but a few-shot dev set
-    lrs: list[float] = Field(default_factory=lambda: [0.5, 0.4, 0.3, 0.2], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: list(SPLIT_SEEDS), min_length=1)
-    batch_size: int = Field(8, ge=1)
-    max_steps: int = Field(1000, ge=1)
-    eval_every: int = Field(50, ge=1)
-    patience: int | None = Field(None, ge=1)
+    lrs: list[LearningRate] = Field(default_factory=lambda: [0.5, 0.4, 0.3, 0.2], min_length=1, max_length=MAX_ITEMS)
+    seeds: list[Seed] = Field(default_factory=lambda: list(SPLIT_SEEDS), min_length=1, max_length=MAX_ITEMS)
+    batch_size: Batch = 8
+    max_steps: Steps = 1000
+    eval_every: Steps = 50
+    patience: Steps | None = None
     optimizer: Literal[OPTIMIZERS] = "adafactor"  # type: ignore[valid-type]
-    weight_decay: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(1e-5, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)  # gradient-norm clip (Adafactor clips its update anyway)
-    eval_batch_size: int = Field(32, ge=1)
+    eval_batch_size: Batch = 32
     # A cap for CPU runs: the first N test examples (test files are in shuffled order).
-    max_test_examples: int | None = Field(None, ge=1)
+    max_test_examples: Whole(1, 10**7) | None = None
     # The fine-tuning baseline: all backbone weights, no prompt, same protocol (CrossFit's lrs).
     finetune: bool = False
-    ft_lrs: list[float] = Field(default_factory=lambda: [1e-5, 2e-5, 5e-5], min_length=1)
+    ft_lrs: list[LearningRate] = Field(default_factory=lambda: [1e-5, 2e-5, 5e-5], min_length=1, max_length=MAX_ITEMS)
     ft_optimizer: Literal[OPTIMIZERS] = "adamw"  # type: ignore[valid-type]
-
-    @field_validator("lrs", "ft_lrs")
-    @classmethod
-    def _positive(cls, v: list[float]) -> list[float]:
-        if any(lr <= 0 for lr in v):
-            raise ValueError(f"learning rates must be positive, got {v}")
-        return v
 
 
 class MethodOptions(Strict):
     """Per-method overrides of the upstream settings (e.g. Reptile's inner steps)."""
 
-    inner_batch_size: int | None = Field(None, ge=1)
-    inner_steps: int | None = Field(None, ge=1)
-    meta_batch: int | None = Field(None, ge=1)
-    inner_lr: float | None = Field(None, gt=0)
-    outer_lr: float | None = Field(None, gt=0)
-    steps: int | None = Field(None, ge=1)
+    inner_batch_size: Batch | None = None
+    inner_steps: Steps | None = None
+    meta_batch: Batch | None = None
+    inner_lr: LearningRate | None = None
+    outer_lr: LearningRate | None = None
+    steps: Steps | None = None
 
 
 class SourceSelection(Strict):
@@ -108,11 +133,11 @@ class SourceSelection(Strict):
     of the prompts' subspaces."""
 
     select: Literal["top_k_similar"]
-    k: int = Field(ge=1)
-    candidates: list[TaskRef] = Field(min_length=1)
-    prompt_length: int = Field(5, ge=1, le=MAX_PROMPT_TOKENS)
-    steps: int = Field(50, ge=1)
-    lr: float = Field(0.01, gt=0)  # AdamW
+    k: Whole(1, MAX_TASKS)
+    candidates: list[TaskRef] = Field(min_length=1, max_length=MAX_TASKS)
+    prompt_length: Whole(1, MAX_PROMPT_TOKENS) = 5
+    steps: Steps = 50
+    lr: LearningRate = 0.01  # AdamW
 
     @field_validator("candidates", mode="before")
     @classmethod
@@ -136,7 +161,7 @@ class PseudoLabelSpec(Strict):
 
     train: TaskRef | None = None
     prompt: str | None = Field(None, min_length=1)
-    options: list[str] | None = Field(None, min_length=2)
+    options: list[str] | None = Field(None, min_length=2, max_length=1000)
     min_confidence: float = Field(0.0, ge=0, lt=1)
     balance: bool = False
     template: str | None = None  # default: the train task's pack template, else the text as it is
@@ -172,10 +197,10 @@ class ClusteringSpec(Strict):
     """MetaPT: how the pooled source data (task labels dropped) is cut into meta-tasks."""
 
     method: Literal["kmeans", "lda", "random", "label"] = "kmeans"  # kmeans: MiniLM sentence embeddings
-    k: int | None = Field(10, ge=2)  # number of clusters; label grouping takes one per label
+    k: Whole(2, 10_000) | None = 10  # number of clusters; label grouping takes one per label
     dev_fraction: float = Field(0.5, gt=0, lt=1)  # of each cluster, for the query side
     plot: Literal["pca", "tsne"] = "pca"
-    pool_size: int | None = Field(None, ge=2)  # at most this many pooled source examples (seeded draw)
+    pool_size: Whole(2, 10**7) | None = None  # at most this many pooled source examples (seeded draw)
     pseudo_label: PseudoLabelSpec | None = None
 
 
@@ -184,19 +209,20 @@ class UpstreamSpec(Strict):
 
     sources: list[TaskRef] | SourceSelection  # tasks, or {select: top_k_similar, k, candidates}
     methods: list[str] = Field(default_factory=lambda: ["maml"], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: list(SPLIT_SEEDS), min_length=1)  # source splits
+    # source splits
+    seeds: list[Seed] = Field(default_factory=lambda: list(SPLIT_SEEDS), min_length=1, max_length=MAX_ITEMS)
     shots: Shots = None  # source examples per label, as downstream.shots
-    steps: int = Field(5000, ge=1)  # outer steps
-    inner_lr: float = Field(3e-5, gt=0)
-    outer_lr: float = Field(0.5, gt=0)
+    steps: Steps = 5000  # outer steps
+    inner_lr: LearningRate = 3e-5
+    outer_lr: LearningRate = 0.5
     optimizer: Literal[OPTIMIZERS] = "adafactor"  # type: ignore[valid-type]
-    weight_decay: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(1e-5, ge=0, le=1)
     grad_clip: float | None = Field(None, gt=0)
     # None: each method's paper default (MAML 2/1/2, FoMAML 4/1/2, Reptile 4/10/2, MTL 4/-/1).
-    inner_batch_size: int | None = Field(None, ge=1)
-    inner_steps: int | None = Field(None, ge=1)
-    meta_batch: int | None = Field(None, ge=1)
-    checkpoint_every: int = Field(50, ge=0)
+    inner_batch_size: Batch | None = None
+    inner_steps: Steps | None = None
+    meta_batch: Batch | None = None
+    checkpoint_every: Whole(0, MAX_STEPS) = 50
     per_method: dict[str, MethodOptions] = Field(default_factory=dict)  # e.g. {reptile: {inner_steps: 3}}
     clustering: ClusteringSpec = Field(default_factory=ClusteringSpec)  # for the metapt and ppt methods
 
@@ -205,6 +231,8 @@ class UpstreamSpec(Strict):
     def _source_names(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("the source set is empty: name at least one source task")
+        if isinstance(v, list) and len(v) > MAX_TASKS:
+            raise ValueError(f"{len(v)} source tasks; accepted: at most {MAX_TASKS}")
         v = _as_refs(v)  # a partition's source tasks, if it names one
         if isinstance(v, dict):  # a selection: validated here so errors name its own fields only
             try:
@@ -240,7 +268,7 @@ class SweepSpec(Strict):
     """Vary one field of the spec (a dotted path, e.g. upstream.steps or prompt.length)."""
 
     field: str = Field(min_length=1)
-    values: list = Field(min_length=2)
+    values: list = Field(min_length=2, max_length=MAX_ITEMS)
 
     @field_validator("field")
     @classmethod
@@ -261,11 +289,11 @@ class JobSpec(Strict):
     name: str = Field("primer-job", max_length=200)  # the jobs.name column is String(200)
     backbone: str = "smollm2-135m"
     prompt: PromptSpec = Field(default_factory=PromptSpec)
-    targets: list[TaskRef] = Field(min_length=1)
+    targets: list[TaskRef] = Field(min_length=1, max_length=MAX_TASKS)
     upstream: UpstreamSpec | None = None  # without it: plain prompt tuning of the targets
     downstream: DownstreamSpec = Field(default_factory=DownstreamSpec)
-    max_input_tokens: int = Field(256, ge=8)
-    max_answer_tokens: int = Field(32, ge=1)
+    max_input_tokens: Whole(8, MAX_TOKENS) = 256
+    max_answer_tokens: Whole(1, MAX_TOKENS) = 32
     sweep: SweepSpec | None = None
 
     @field_validator("targets", mode="before")

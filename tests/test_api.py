@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from api.app import FORMATS, create_app
+from api.limits import limits
 from core.settings import settings
 from core.store.models import Prompt
 from core.tasks import packs
@@ -26,9 +27,12 @@ def env(monkeypatch, tiny_dir):
     monkeypatch.setenv("PRIMER_BACKBONES", f"smollm2-135m,tiny={tiny_dir['causal']}")
     monkeypatch.delenv("PRIMER_CROSSFIT_DIR", raising=False)
     monkeypatch.delenv("PRIMER_CORS_ORIGINS", raising=False)
+    monkeypatch.delenv("PRIMER_RATE_LIMIT", raising=False)
     settings.cache_clear()
+    limits.cache_clear()
     yield monkeypatch
     settings.cache_clear()
+    limits.cache_clear()
 
 
 class Api:
@@ -396,8 +400,8 @@ def test_crossfit_and_bigbench_uploads(api):
 
 
 @pytest.mark.parametrize("files, fields, status, message", [
-    ([("bad.jsonl", b'{"input": "caf\xe9", "output": "x"}\n')], {}, 422, "utf-8"),
-    ([("bad.jsonl", JSONL + b"{not json\n")], {}, 422, "task.jsonl, line 5: not valid JSON"),
+    ([("bad.jsonl", b'{"input": "caf\xe9", "output": "x"}\n')], {}, 422, "is not UTF-8 text: byte 0xe9 at offset 14"),
+    ([("bad.jsonl", JSONL + b"{not json\n")], {}, 422, "bad.jsonl, line 5: not valid JSON"),
     ([("bad.jsonl", b'{"text": "a", "label": "b"}\n')], {}, 422, "no column 'input', 'output'"),
     ([("../evil.jsonl", JSONL)], {}, 422, "without folders or '..'"),
     ([("dir/evil.jsonl", JSONL)], {}, 422, "without folders or '..'"),

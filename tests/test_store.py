@@ -243,3 +243,22 @@ def test_deleting_a_job_deletes_everything_it_owns(store, alice):
         conn.execute(text("DELETE FROM jobs WHERE id = :id"), {"id": job.id})
     for model in (JobUnit, Prompt, Score, Event, TaskResult, Checkpoint, Artifact):
         assert count(store, model, job_id=job.id) == 0 and count(store, model, job_id=other.id) > 0, model.__name__
+
+
+def test_concurrent_inserts_of_one_score_leave_one_row(store, alice):
+    """Redelivered cells finishing at once: the unique constraint refuses every insert but one,
+    and each refused one is told it was a redelivery (False), not an error."""
+    from tests import reliability as R
+
+    job = new_job(store, alice)[0]
+    start = threading.Barrier(8)
+
+    def insert(i):
+        start.wait()
+        return store.save_score(**score(job.id, dev=i / 10))
+
+    with ThreadPoolExecutor(8) as pool:
+        stored = list(pool.map(insert, range(8)))
+    assert sorted(stored) == [False] * 7 + [True]
+    assert count(store, Score, job_id=job.id) == 1
+    R.count("integrity", "duplicate score inserts refused by the unique constraint", stored.count(False))
