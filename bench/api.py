@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BROKER_DB, RESULTS_DB = 7, 8
+BROKER_DB = 7
 
 
 def spec(backbone: str, i: int, steps: int = 2) -> dict:
@@ -58,14 +58,12 @@ class Service:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)'))
             conn.execute(text(f'CREATE DATABASE "{self.db}"'))
         self.redis = redis.Redis(db=BROKER_DB)
-        for db in (BROKER_DB, RESULTS_DB):
-            redis.Redis(db=db).flushdb()
+        self.redis.flushdb()
         # A model directory is allowed under the name "bench"; a registry name is allowed as itself.
         self.backbone = "bench" if Path(backbone).is_dir() else backbone
         self.env = os.environ | {
             "PRIMER_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}",
             "PRIMER_BROKER_URL": f"redis://127.0.0.1:6379/{BROKER_DB}",
-            "PRIMER_RESULT_BACKEND": f"redis://127.0.0.1:6379/{RESULTS_DB}",
             "PRIMER_BACKBONES": f"bench={backbone}" if self.backbone == "bench" else backbone,
         }
         self.store = Store(self.env["PRIMER_DATABASE_URL"])

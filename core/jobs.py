@@ -245,7 +245,9 @@ def run_cell(store, job_id: str, cell: Cell) -> None:
     job = store.get_job(job_id)
     if job is None or job.status in ("failed", "cancelled"):
         raise Cancelled(job_id)
-    if store.get_score(job_id, cell.method, cell.task, cell.seed, cell.lr) is not None:
+    stored = store.get_score(job_id, cell.method, cell.task, cell.seed, cell.lr)
+    if stored is not None:
+        store.progress(job_id, cell.unit, stored.steps, done=True)  # its worker may have died before saying so
         return
     prep = prepared(store, job)
     init = None
@@ -322,3 +324,76 @@ def aggregate(store, job_id: str) -> None:
                 store.save_artifact(job_id, path.name, kind, path.read_bytes())
     store.add_event(job_id, "results: " + ", ".join(f"ARG {m} {v:+.1f}%" for m, v in results.arg().items()))
     store.set_status(job_id, "succeeded", phase="done")
+
+
+# --- sending steps, and sending them again -----------------------------------------------------
+def send(store, transport, job_id: str, step: str, task: str, args: list, resend=None) -> bool:
+    """Record the step in the store, then hand its message to the broker (`transport(task,
+    args, message_id)`); False if it needed no message (sent before, or done). A step recorded
+    but not in the broker (a send that failed, a broker restarted empty) is sent again by
+    `reconcile`."""
+    message_id = store.dispatch(job_id, step, task, args, resend)
+    if message_id is None:
+        return False
+    transport(task, args, message_id)
+    return True
+
+
+def send_cell(store, transport, job_id: str, cell: Cell) -> bool:
+    from dataclasses import asdict
+
+    return send(store, transport, job_id, f"cell:{cell.unit}", "primer.cell", [job_id, asdict(cell)])
+
+
+def send_aggregate_if_done(store, transport, job_id: str) -> bool:
+    """After a downstream run: the job's aggregation, once its last run is done (sent once)."""
+    if store.downstream_left(job_id):
+        return False
+    return send(store, transport, job_id, "aggregate", "primer.aggregate", [job_id])
+
+
+def reconcile(store, transport, pending: set[str] | None, lease: float | None = None, grace: float | None = None,
+              max_attempts: int | None = None) -> list[str]:
+    """One round of the reconciler; what it did, one line each.
+
+    - A step whose worker has not beaten for `lease` seconds is sent again, or, once it has been
+      taken `max_attempts` times, its job fails with the reason.
+    - A step sent more than `grace` seconds ago, taken by no worker, whose message the broker no
+      longer holds (`pending`: the ids it holds; None if unknown) is sent again.
+    - A queued job never sent (the API stopped in between) is sent; a job whose downstream runs
+      are all done but whose aggregation was never sent gets it.
+    """
+    from core.store.models import now
+
+    cfg = settings()
+    lease = cfg.lease_seconds if lease is None else lease
+    grace = cfg.reconcile_seconds if grace is None else grace
+    max_attempts = cfg.max_attempts if max_attempts is None else max_attempts
+    did, t = [], now()
+
+    def age(at):
+        return (t - (at if at.tzinfo else at.replace(tzinfo=t.tzinfo))).total_seconds()
+
+    for job in store.unsent_jobs(grace):
+        if send(store, transport, job.id, "start", "primer.start", [job.id]):
+            did.append(f"{job.id}: stored but never sent; sent")
+    for d in store.open_dispatches():
+        lost = d.worker is not None and age(d.heartbeat_at) > lease
+        missing = (d.worker is None and pending is not None and d.message_id not in pending
+                   and age(d.sent_at) > grace)
+        if lost and d.attempts >= max_attempts:
+            message = (f"{d.step} lost its worker {d.attempts} times (no heartbeat for {lease:g} s); "
+                       f"given up after {max_attempts} attempts")
+            if store.set_status(d.job_id, "failed", phase="failed", error_code="worker_lost", error_message=message):
+                store.add_event(d.job_id, f"failed: {message}")
+            store.release(d.job_id, d.step)
+            did.append(f"{d.job_id}: {message}")
+        elif (lost or missing) and send(store, transport, d.job_id, d.step, d.task, d.args, resend=d):
+            why = (f"its worker {d.worker} stopped beating {age(d.heartbeat_at):.0f} s ago" if lost
+                   else "its message is no longer in the broker")
+            store.add_event(d.job_id, f"{d.step} sent again: {why}")
+            did.append(f"{d.job_id} {d.step}: {why}; sent again")
+    for job_id in store.awaiting_aggregate():
+        if send(store, transport, job_id, "aggregate", "primer.aggregate", [job_id]):
+            did.append(f"{job_id}: every downstream run done, aggregation never sent; sent")
+    return did

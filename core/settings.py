@@ -23,9 +23,9 @@ class Settings(BaseSettings):
     # --- the service (docs: README, "Running the service") ---
     # The store: Postgres in production (postgresql+psycopg://...), else SQLite under cache_dir.
     database_url: str | None = None
-    # Celery's broker and result backend: Redis for a team, else SQLite files under cache_dir.
+    # Celery's broker: Redis for a team, else a SQLite file under cache_dir. There is no result
+    # backend: steps report to the store, and the store says when a job's last run is done.
     broker_url: str | None = None
-    result_backend: str | None = None
     # Backbones a job may name: registry names, or name=location pairs, comma-separated
     # (e.g. "smollm2-135m,tiny=/models/tiny"). Jobs never name a path themselves.
     backbones: str = "smollm2-135m"
@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     lease_seconds: float = 120.0
     reconcile_seconds: float = 30.0
     max_attempts: int = 3
+    # How long a store call waits for the database to come back (a Postgres restart) before it fails.
+    db_retry_seconds: float = 30.0
     max_upload_bytes: int = 20 * 1024 * 1024
     max_body_bytes: int = 1024 * 1024  # JSON bodies (specs)
     cors_origins: str = ""  # comma-separated; CORS is off unless set
@@ -59,9 +61,6 @@ class Settings(BaseSettings):
 
     def broker(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{self.cache_dir / 'broker.db'}"
-
-    def results_url(self) -> str:
-        return self.result_backend or f"db+sqlite:///{self.cache_dir / 'celery-results.db'}"
 
     def backbone_allowlist(self) -> dict[str, str]:
         """name -> what core.backbones.load takes (a registry name or a directory)."""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from core.prompts import prompt_from_bytes
 
-REDIS_BROKER, REDIS_RESULTS = 5, 6
+REDIS_BROKER = 5
 
 
 def free_port() -> int:
@@ -37,15 +38,31 @@ def spec(name="svc", steps=6, **upstream):
 
 
 class Service:
-    def __init__(self, env, url, store):
-        self.env, self.url, self.store, self.workers = env, url, store, []
+    def __init__(self, env, url, store, logs):
+        self.env, self.url, self.store, self.logs, self.workers = env, url, store, logs, []
         self.api = None
+
+    def start_api(self):
+        self.api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
+                                     "--port", self.url.rsplit(":", 1)[1], "--log-level", "warning"], env=self.env)
+        for _ in range(150):
+            try:
+                if httpx.get(f"{self.url}/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("the API did not start")
+
+    def stop_api(self, sig=signal.SIGTERM):
+        self.api.send_signal(sig)
+        self.api.wait(timeout=30)
 
     def start_worker(self):
         proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q",
                                  "upstream,downstream", "--concurrency", "1", "--loglevel", "info",
                                  "-n", f"w{len(self.workers)}@%h"],
-                                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=self.env, stdout=subprocess.DEVNULL,
+                                stderr=open(self.logs / f"worker{len(self.workers)}.log", "w"),
                                 start_new_session=True)  # its own process group: SIGKILL takes its children too
         self.workers.append(proc)
         return proc
@@ -60,7 +77,13 @@ class Service:
     def wait(self, http, job_id, until=("succeeded", "failed", "cancelled"), timeout=240, check=None):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            job = http.get(f"/jobs/{job_id}").json()
+            try:
+                r = http.get(f"/jobs/{job_id}")
+            except httpx.TransportError:  # the API is being restarted
+                time.sleep(0.5)
+                continue
+            assert r.status_code == 200, r.text
+            job = r.json()
             if job["status"] in until and (check is None or check(job)):
                 return job
             time.sleep(0.5)
@@ -68,8 +91,9 @@ class Service:
                              f"after {timeout} s")
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
+@contextmanager
+def running_service(root, **env):
+    """A fresh Postgres database, an emptied Redis broker db, uvicorn and one Celery worker."""
     import redis
     from sqlalchemy import create_engine, text
 
@@ -77,46 +101,45 @@ def service(tmp_path_factory):
     from tests import tiny
     from tests.conftest import PG_ADMIN
 
-    root = tmp_path_factory.mktemp("service")
     model = tiny.save("causal", root / "tiny")
-    name = f"primer_service_{os.getpid()}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    name = f"primer_{root.name}_{os.getpid()}".replace("-", "_")
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # outlives a restart
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         conn.execute(text(f'CREATE DATABASE "{name}"'))
-    for db in (REDIS_BROKER, REDIS_RESULTS):
-        redis.Redis(db=db).flushdb()
+    redis.Redis(db=REDIS_BROKER).flushdb()
     env = os.environ | {
         "PRIMER_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
         "PRIMER_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_BROKER}",
-        "PRIMER_RESULT_BACKEND": f"redis://127.0.0.1:6379/{REDIS_RESULTS}",
         "PRIMER_BACKBONES": f"tiny={model},gone={root / 'deleted-model'}",  # gone: an operator's mistake
         "PRIMER_VISIBILITY_TIMEOUT": "15",  # a killed worker's task goes to another after 15 s
+        "PRIMER_HEARTBEAT_SECONDS": "1",  # and a step whose worker is silent for 8 s is sent again
+        "PRIMER_LEASE_SECONDS": "8",
+        "PRIMER_RECONCILE_SECONDS": "2",
         "PRIMER_MAX_UPLOAD_BYTES": "100000",
-    }
+    } | env
     store = Store(env["PRIMER_DATABASE_URL"])
     store.upgrade()
-    port = free_port()
-    svc = Service(env, f"http://127.0.0.1:{port}", store)
-    svc.api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
-                                "--port", str(port), "--log-level", "warning"], env=env)
+    svc = Service(env, f"http://127.0.0.1:{free_port()}", store, root)
+    svc.start_api()
     svc.start_worker()
-    for _ in range(100):
-        try:
-            if httpx.get(f"{svc.url}/healthz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    yield svc
-    for proc in svc.workers:
-        if proc.poll() is None:
-            svc.kill(proc, signal.SIGTERM)
-    svc.api.terminate()
-    svc.api.wait(timeout=30)
-    store.engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield svc
+    finally:
+        for proc in svc.workers:
+            if proc.poll() is None:
+                svc.kill(proc, signal.SIGTERM)
+        svc.stop_api()
+        store.engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    with running_service(tmp_path_factory.mktemp("service")) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")

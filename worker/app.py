@@ -1,37 +1,49 @@
 """The Celery app: Redis (or, on one machine, a SQLite file) as broker, queues for upstream and
-downstream work, late acknowledgement so a task whose worker dies is run again.
+downstream work, late acknowledgement, and a reconciler that sends again what the broker lost.
 
 Run a worker with `celery -A worker.app worker -Q upstream,downstream --concurrency 1`
 (one process per GPU); `primer serve` starts one itself.
+
+Every message is recorded in the store before it is sent (core.jobs.send), and every worker
+holds a lease on the step it runs, beating while it runs (worker.tasks). Each worker's main
+process also runs the reconciler (core.jobs.reconcile) every `reconcile_seconds`: a step whose
+worker stopped beating is sent again, and so is one whose message is no longer in the broker.
 """
 from __future__ import annotations
 
+import json
+import logging
+import threading
+from functools import lru_cache
+
 from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
 
 from core.settings import settings
 
 QUEUES = ("upstream", "downstream")
+ROUTES = {"primer.start": "upstream", "primer.cell": "downstream", "primer.aggregate": "downstream"}
+log = logging.getLogger("primer.worker")
 
 
 def make_app() -> Celery:
     s = settings()
-    app = Celery("primer", broker=s.broker(), backend=s.results_url(), include=["worker.tasks"])
+    app = Celery("primer", broker=s.broker(), include=["worker.tasks"])
     # Redis hands an unacknowledged task to another worker after this long (the SQLite broker
     # of the embedded mode takes no such option).
     redis = {"visibility_timeout": s.visibility_timeout}
     app.conf.update(
         task_acks_late=True,  # acknowledged when done: a task whose worker dies is delivered again
         task_reject_on_worker_lost=True,
+        task_ignore_result=True,  # results go to the store
         worker_prefetch_multiplier=1,  # a worker holds one task at a time; the rest stay for others
         worker_max_tasks_per_child=50,  # a fresh process now and then (memory, CUDA state)
         broker_transport_options=redis if s.broker().startswith("redis") else {},
-        result_backend_transport_options=redis if s.results_url().startswith("redis") else {},
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a broker restart is waited out, however long
         task_default_queue="downstream",
-        task_routes={"primer.start": {"queue": "upstream"}, "primer.cell": {"queue": "downstream"},
-                     "primer.aggregate": {"queue": "downstream"}, "celery.chord_unlock": {"queue": "downstream"}},
-        task_serializer="json", result_serializer="json", accept_content=["json"],  # never pickle
-        result_expires=7 * 24 * 3600,
+        task_routes={name: {"queue": queue} for name, queue in ROUTES.items()},
+        task_serializer="json", accept_content=["json"],  # never pickle
         worker_hijack_root_logger=False,
     )
     return app
@@ -40,12 +52,78 @@ def make_app() -> Celery:
 app = make_app()
 
 
+@lru_cache(maxsize=1)
+def store():
+    from core.store import Store
+
+    return Store(settings().db_url(), settings().db_retry_seconds)
+
+
+def transport(task: str, args: list, message_id: str) -> None:
+    app.send_task(task, args=args, task_id=message_id, queue=ROUTES[task])
+
+
 def enqueue(job_id: str) -> None:
     """Hand a new job to the workers (the API calls this after storing it)."""
-    app.send_task("primer.start", args=[job_id], queue="upstream")
+    from core import jobs
+
+    jobs.send(store(), transport, job_id, "start", "primer.start", [job_id])
 
 
 def broker_ping() -> None:
     """Raise if the broker cannot be reached (for /readyz)."""
     with app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
+
+
+def pending_ids() -> set[str] | None:
+    """The ids of the messages the broker holds for the workers (waiting, or taken and not yet
+    acknowledged); None for a broker this cannot read."""
+    ids: set[str] = set()
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        kind = conn.transport.driver_type
+        if kind == "redis":
+            client = channel.client
+            for queue in QUEUES:
+                for key in {channel._q_for_pri(queue, p) for p in channel.priority_steps}:
+                    ids.update(json.loads(raw)["headers"]["id"] for raw in client.lrange(key, 0, -1))
+            ids.update(json.loads(raw)[0]["headers"]["id"] for raw in client.hvals(channel.unacked_key))
+        elif kind == "sql":
+            # kombu's SQL transport hides a message once a worker takes it and keeps no unacked
+            # list: only the visible ones are still the broker's; a taken one is the lease's.
+            session, message, queue = channel.session, channel.message_cls, channel.queue_cls
+            try:
+                rows = (session.query(message.payload).join(queue, message.queue_id == queue.id)
+                        .filter(queue.name.in_(QUEUES), message.visible.is_(True)).all())
+            finally:
+                session.commit()  # end the read: the broker's SQLite file is shared with the workers
+            ids.update(json.loads(payload)["headers"]["id"] for (payload,) in rows)
+        else:
+            return None
+    return ids
+
+
+_stop = threading.Event()
+
+
+def reconcile_forever() -> None:
+    from core import jobs
+
+    every = settings().reconcile_seconds
+    while not _stop.wait(every):
+        try:
+            for line in jobs.reconcile(store(), transport, pending_ids()):
+                log.warning("reconciler: %s", line)
+        except Exception:  # the store or the broker is away: try again next round
+            log.warning("reconciler: round failed", exc_info=True)
+
+
+@worker_ready.connect
+def _start_reconciler(**_):
+    threading.Thread(target=reconcile_forever, name="reconciler", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_reconciler(**_):
+    _stop.set()

@@ -6,19 +6,29 @@ file). The schema is created by the Alembic migrations in migrations/ (`Store.up
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import inspect
 import io
+import logging
+import os
 import secrets
-from datetime import datetime
+import sqlite3
+import time
+import uuid
+import weakref
+from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import case, create_engine, delete, event, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import case, create_engine, delete, event, func, or_, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import sessionmaker
 
-from core.store.models import (ApiKey, Artifact, Checkpoint, Event, Job, JobUnit, MethodResult, Prompt, Score,
-                               TaskFile, TaskResult, UploadedTask, now)
+from core.store.models import (ApiKey, Artifact, Checkpoint, Dispatch, Event, Job, JobUnit, MethodResult, Prompt,
+                               Score, TaskFile, TaskResult, UploadedTask, now)
+
+log = logging.getLogger("primer.store")
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -53,9 +63,39 @@ def key_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def transient(e: DBAPIError) -> bool:
+    """The database went away or is busy, as opposed to a query that is wrong: Postgres restarting
+    or refusing connections, a connection cut mid-transaction, a locked SQLite file."""
+    if e.connection_invalidated or isinstance(e, InterfaceError):
+        return True
+    if isinstance(e.orig, sqlite3.Error):
+        return "locked" in str(e.orig) or "busy" in str(e.orig)
+    return isinstance(e, OperationalError)
+
+
+def retrying(method):
+    """Run a store method again while the database is away, for up to `retry_seconds`: a worker
+    rides out a Postgres restart instead of failing an hours-long job. A write whose commit was
+    cut may run twice; every write here is an upsert, guarded by a unique key, or a log line."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        deadline, delay = time.monotonic() + self.retry_seconds, 0.2
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except DBAPIError as e:
+                if not transient(e) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("store.%s: the database is unavailable (%s); retrying in %.1f s",
+                            method.__name__, type(e.orig).__name__, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+    return run
+
+
 class Store:
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, retry_seconds: float = 30.0):
+        self.url, self.retry_seconds = url, retry_seconds
         sqlite = url.startswith("sqlite")
         if sqlite:
             path = url.removeprefix("sqlite:///")
@@ -70,6 +110,10 @@ class Store:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA busy_timeout=30000")
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+        # A forked child (a Celery pool process) must not share its parent's pooled connections:
+        # two processes on one socket corrupt each other's transactions.
+        engine = weakref.ref(self.engine)
+        os.register_at_fork(after_in_child=lambda: (e := engine()) is not None and e.dispose(close=False))
 
     # --- schema ------------------------------------------------------------------------------------
     def alembic_config(self):
@@ -330,6 +374,80 @@ class Store:
             return (list(s.scalars(select(TaskResult).where(TaskResult.job_id == job_id).order_by(TaskResult.id))),
                     list(s.scalars(select(MethodResult).where(MethodResult.job_id == job_id).order_by(MethodResult.id))))
 
+    # --- dispatches and leases -------------------------------------------------------------------
+    def dispatch(self, job_id: str, step: str, task: str, args: list, resend: Dispatch | None = None) -> str | None:
+        """Record that a step is being sent to the workers; the message id to send it with, or
+        None if it needs no message: sent before (unless `resend`, the row as the reconciler saw
+        it, is still as it was) or done."""
+        message_id = str(uuid.uuid4())
+        if resend is None:
+            try:
+                with self.session.begin() as s:
+                    s.add(Dispatch(job_id=job_id, step=step, task=task, args=args, message_id=message_id))
+            except IntegrityError:  # sent already, by this or another process
+                return None
+            return message_id
+        with self.session.begin() as s:  # only if no worker took it since the reconciler looked
+            changed = s.execute(update(Dispatch).where(
+                Dispatch.job_id == job_id, Dispatch.step == step, Dispatch.done.is_(False),
+                Dispatch.message_id == resend.message_id, Dispatch.attempts == resend.attempts,
+            ).values(message_id=message_id, sent_at=now(), sends=Dispatch.sends + 1, worker=None)).rowcount
+        return message_id if changed else None
+
+    def claim(self, job_id: str, step: str, worker: str, lease: float) -> int | None:
+        """Take the lease of a step for `worker`: the number of times it has now been taken, or None
+        if it is done, unknown, or held by a worker that beat within the last `lease` seconds."""
+        with self.session.begin() as s:
+            taken = s.execute(update(Dispatch).where(
+                Dispatch.job_id == job_id, Dispatch.step == step, Dispatch.done.is_(False),
+                or_(Dispatch.worker.is_(None), Dispatch.heartbeat_at < now() - timedelta(seconds=lease)),
+            ).values(worker=worker, heartbeat_at=now(), attempts=Dispatch.attempts + 1)).rowcount
+            return s.scalar(select(Dispatch.attempts).where(Dispatch.job_id == job_id, Dispatch.step == step)) \
+                if taken else None
+
+    def beat(self, job_id: str, step: str, worker: str) -> bool:
+        """The worker holding the step is alive; False if it no longer holds it."""
+        with self.session.begin() as s:
+            held = s.execute(update(Dispatch).where(Dispatch.job_id == job_id, Dispatch.step == step,
+                                                    Dispatch.worker == worker, Dispatch.done.is_(False))
+                             .values(heartbeat_at=now())).rowcount
+            s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=now()))
+        return held > 0
+
+    def release(self, job_id: str, step: str) -> None:
+        """The step is over (done, failed or cancelled): no lease on it expires any more."""
+        with self.session.begin() as s:
+            s.execute(update(Dispatch).where(Dispatch.job_id == job_id, Dispatch.step == step).values(done=True))
+
+    def open_dispatches(self) -> list[Dispatch]:
+        """Steps not over, of jobs still queued or running: what the reconciler watches."""
+        with self.session() as s:
+            return list(s.scalars(select(Dispatch).join(Job, Job.id == Dispatch.job_id)
+                                  .where(Dispatch.done.is_(False), Job.status.in_(("queued", "running")))))
+
+    def unsent_jobs(self, older_than: float) -> list[Job]:
+        """Queued jobs stored more than `older_than` seconds ago that were never sent (the API
+        stopped between storing a job and sending it)."""
+        sent = select(Dispatch.job_id).where(Dispatch.job_id == Job.id).exists()
+        with self.session() as s:
+            return list(s.scalars(select(Job).where(Job.status == "queued", ~sent,
+                                                    Job.created_at < now() - timedelta(seconds=older_than))))
+
+    def downstream_left(self, job_id: str) -> int:
+        """Downstream runs of the job not yet finished."""
+        with self.session() as s:
+            return s.scalar(select(func.count()).where(JobUnit.job_id == job_id, JobUnit.unit.like("downstream/%"),
+                                                       JobUnit.done.is_(False)))
+
+    def awaiting_aggregate(self) -> list[str]:
+        """Running jobs whose downstream runs are all finished and whose aggregation was never sent."""
+        left = select(JobUnit.job_id).where(JobUnit.job_id == Job.id, JobUnit.unit.like("downstream/%"),
+                                            JobUnit.done.is_(False)).exists()
+        sent = select(Dispatch.job_id).where(Dispatch.job_id == Job.id, Dispatch.step == "aggregate").exists()
+        with self.session() as s:
+            return list(s.scalars(select(Job.id).where(Job.status == "running", Job.phase == "downstream",
+                                                       ~left, ~sent)))
+
     # --- checkpoints and artifacts --------------------------------------------------------------
     def save_checkpoint(self, job_id: str, key: str, state: dict) -> None:
         import torch
@@ -389,6 +507,11 @@ class Store:
         """Jobs per status, for /metrics."""
         with self.session() as s:
             return dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+
+for _name, _method in list(vars(Store).items()):
+    if inspect.isfunction(_method) and not _name.startswith("_"):
+        setattr(Store, _name, retrying(_method))
 
 
 class StoreCheckpoints:

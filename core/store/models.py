@@ -57,6 +57,24 @@ class JobUnit(Base):
     done: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class Dispatch(Base):
+    """A step of a job handed to the workers ("start", "cell:<unit>", "aggregate"): the message
+    last sent for it, and the lease of the worker that took it. A lease whose beat is older than
+    the lease time is lost (its worker died) and the step is sent again."""
+    __tablename__ = "dispatches"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[str] = mapped_column(String(400), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64))  # the Celery task and its arguments, to send it again
+    args: Mapped[list] = mapped_column(JSON)
+    message_id: Mapped[str] = mapped_column(String(64))
+    sent_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    sends: Mapped[int] = mapped_column(Integer, default=1)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # times a worker took it
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    done: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+
+
 class Prompt(Base):
     __tablename__ = "prompts"
     __table_args__ = (UniqueConstraint("job_id", "name", name="uq_prompts_job_name"),)

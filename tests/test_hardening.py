@@ -1,0 +1,382 @@
+"""Nothing lost: leases, heartbeats and the reconciler, first against the store alone, then
+against real uvicorn, Celery worker, Postgres and Redis processes with faults injected."""
+import time
+
+import pytest
+
+from core import jobs
+from core.store import Store
+
+
+class Broker:
+    """A transport that remembers what was sent, and can lose it all (a restart without persistence)."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, list, str]] = []
+
+    def __call__(self, task, args, message_id):
+        self.sent.append((task, args, message_id))
+
+    def pending(self) -> set[str]:
+        return {m for _, _, m in self.sent}
+
+    def lose_everything(self):
+        self.sent.clear()
+
+
+@pytest.fixture
+def job(store):
+    key, _ = store.create_key("alice")
+    job, _ = store.create_job(key.id, "j", {"name": "j"}, "h", {"downstream/pt/t/100/0.1": 4})
+    return job
+
+
+def reconcile(store, broker, **kw):
+    return jobs.reconcile(store, broker, broker.pending(), **({"lease": 60, "grace": 0, "max_attempts": 3} | kw))
+
+
+def test_a_step_is_sent_once_and_its_lost_message_is_sent_again(store, job):
+    broker = Broker()
+    assert jobs.send(store, broker, job.id, "start", "primer.start", [job.id])
+    assert not jobs.send(store, broker, job.id, "start", "primer.start", [job.id])  # recorded: not sent twice
+    assert reconcile(store, broker) == []  # the broker holds it: nothing to do
+    first = broker.sent[0][2]
+    broker.lose_everything()
+    did = reconcile(store, broker)
+    assert len(did) == 1 and "no longer in the broker" in did[0]
+    assert [(t, a) for t, a, _ in broker.sent] == [("primer.start", [job.id])] and broker.sent[0][2] != first
+    assert reconcile(store, broker) == []
+
+
+def test_a_live_lease_keeps_the_step_and_a_lapsed_one_is_sent_again_until_the_attempts_run_out(store, job):
+    broker = Broker()
+    jobs.send(store, broker, job.id, "start", "primer.start", [job.id])
+    assert store.claim(job.id, "start", "w1", lease=60) == 1
+    assert store.claim(job.id, "start", "w2", lease=60) is None  # a second copy of the message finds it taken
+    broker.lose_everything()  # a taken step's message is the lease's business, not the broker's
+    assert reconcile(store, broker) == []
+    assert store.beat(job.id, "start", "w1") and not store.beat(job.id, "start", "w2")
+    for attempt in (1, 2):  # w1, then its successor, die without a word
+        time.sleep(0.05)
+        did = reconcile(store, broker, lease=0.01)
+        assert len(did) == 1 and "stopped beating" in did[0]
+        assert store.claim(job.id, "start", f"w{attempt + 1}", lease=60) == attempt + 1
+    time.sleep(0.05)
+    did = reconcile(store, broker, lease=0.01)
+    assert "given up after 3 attempts" in did[0]
+    failed = store.get_job(job.id)
+    assert failed.status == "failed" and failed.error_code == "worker_lost" and "start lost its worker" in failed.error_message
+    assert reconcile(store, broker, lease=0.01) == []  # a failed job is left alone
+
+
+def test_two_reconcilers_send_a_lost_step_once(store, job):
+    broker = Broker()
+    jobs.send(store, broker, job.id, "start", "primer.start", [job.id])
+    broker.lose_everything()
+    seen = store.open_dispatches()
+    assert jobs.send(store, broker, job.id, "start", "primer.start", [job.id], resend=seen[0])
+    assert not jobs.send(store, broker, job.id, "start", "primer.start", [job.id], resend=seen[0])
+    assert len(broker.sent) == 1
+
+
+def test_a_reconciler_does_not_resend_a_step_a_worker_took_meanwhile(store, job):
+    broker = Broker()
+    jobs.send(store, broker, job.id, "start", "primer.start", [job.id])
+    seen = store.open_dispatches()[0]
+    assert store.claim(job.id, "start", "w1", lease=60) == 1  # taken between the look and the resend
+    assert not jobs.send(store, broker, job.id, "start", "primer.start", [job.id], resend=seen)
+    assert store.beat(job.id, "start", "w1")
+
+
+def test_a_job_stored_but_never_sent_and_an_aggregation_never_sent_are_sent(store, job):
+    broker = Broker()
+    assert reconcile(store, broker, grace=60) == []  # just stored: the API may still be sending it
+    did = reconcile(store, broker)
+    assert did == [f"{job.id}: stored but never sent; sent"] and broker.sent[0][:2] == ("primer.start", [job.id])
+    store.claim(job.id, "start", "w1", lease=60)
+    store.set_status(job.id, "running", phase="downstream")
+    store.release(job.id, "start")
+    assert not jobs.send_aggregate_if_done(store, broker, job.id)  # a run is left
+    store.progress(job.id, "downstream/pt/t/100/0.1", 4, done=True)  # its worker died before sending on
+    did = reconcile(store, broker)
+    assert len(did) == 1 and "aggregation never sent" in did[0] and broker.sent[-1][:2] == ("primer.aggregate", [job.id])
+    assert not jobs.send_aggregate_if_done(store, broker, job.id)  # sent once only
+
+
+def test_a_done_step_is_not_claimed_again(store, job):
+    jobs.send(store, Broker(), job.id, "start", "primer.start", [job.id])
+    assert store.claim(job.id, "start", "w1", lease=60) == 1
+    store.release(job.id, "start")
+    assert store.claim(job.id, "start", "w2", lease=0) is None
+    assert store.claim(job.id, "never-sent", "w2", lease=0) is None
+
+
+@pytest.mark.parametrize("broker", ["redis", "sqlite"])
+def test_the_reconciler_reads_which_messages_each_broker_holds(broker, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | ({"PRIMER_BROKER_URL": "redis://127.0.0.1:6379/9"} if broker == "redis" else
+                        {"PRIMER_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.db'}"})
+    code = """
+from worker import app as w
+with w.app.connection_for_write() as conn:
+    for q in w.QUEUES:
+        conn.default_channel.queue_purge(q)
+assert w.pending_ids() == set(), w.pending_ids()
+w.transport("primer.start", ["job_x"], "m-start")
+w.transport("primer.cell", ["job_x", {}], "m-cell")
+assert w.pending_ids() == {"m-start", "m-cell"}, w.pending_ids()
+with w.app.connection_for_read() as conn:  # a worker takes one: on Redis it stays, unacked, until done
+    message = conn.SimpleQueue("upstream").get(timeout=5)
+    assert message.headers["id"] == "m-start"
+    print(sorted(w.pending_ids()))
+    message.ack()
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == (["['m-cell',", "'m-start']"] if broker == "redis" else ["['m-cell']"])
+
+
+def test_store_calls_wait_for_a_database_that_is_away_but_not_for_a_wrong_query(tmp_path, monkeypatch):
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    store = Store(f"sqlite:///{tmp_path / 'primer.db'}", retry_seconds=20)
+    store.upgrade()
+    real, calls = Store.list_keys.__wrapped__, []
+
+    def flaky(self):  # Postgres restarting: the first two connections are refused
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise OperationalError("SELECT", {}, psycopg.OperationalError("connection refused"))
+        return real(self)
+
+    monkeypatch.setattr(Store, "list_keys", __import__("core.store", fromlist=["retrying"]).retrying(flaky))
+    assert store.list_keys() == [] and len(calls) == 3
+    empty = Store(f"sqlite:///{tmp_path / 'empty.db'}", retry_seconds=20)  # never migrated
+    t = time.monotonic()
+    with pytest.raises(OperationalError, match="no such table"):
+        empty.list_jobs()
+    assert time.monotonic() - t < 1
+
+
+# --- faults injected into a real service ------------------------------------------------------
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+
+import httpx  # noqa: E402
+
+from tests import reliability as R  # noqa: E402
+from tests.test_service import running_service, spec  # noqa: E402
+
+
+def quick(name):
+    """A job with no upstream: start, one downstream run of 2 steps, aggregation."""
+    return {"name": name, "backbone": "tiny", "prompt": {"length": 3}, "targets": ["sms_spam"],
+            "downstream": {"seeds": [100], "lrs": [0.1], "max_steps": 2, "eval_every": 2, "optimizer": "adamw",
+                           "batch_size": 2, "max_test_examples": 8}}
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    # no rate limit: the load test is one key sending as fast as it can
+    with running_service(tmp_path_factory.mktemp("hardening"), PRIMER_RATE_LIMIT="0") as s:
+        _, secret = s.store.create_key("sre")
+        s.http = s.client(secret)
+        yield s
+
+
+@pytest.fixture(scope="module")
+def undisturbed(svc):
+    job_id = svc.http.post("/jobs", json=spec("undisturbed")).json()["id"]
+    job = svc.wait(svc.http, job_id)
+    assert job["status"] == "succeeded", (job["error"], job["name"])
+    return outcome(svc, job_id)
+
+
+def outcome(svc, job_id):
+    """What a job made: its prompts' sha256 by name, and each downstream run's dev and test scores."""
+    prompts = {p["name"]: p["sha256"] for p in svc.http.get("/prompts", params={"job": job_id}).json()["prompts"]}
+    scores = {(s.method, s.task, s.seed, s.lr): (s.dev, s.test) for s in svc.store.scores(job_id)}
+    return prompts, scores
+
+
+def events(svc, job_id):
+    return [e["message"] for e in svc.http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["events"]]
+
+
+def test_a_worker_killed_mid_downstream_loses_nothing(svc, undisturbed):
+    job_id = svc.http.post("/jobs", json=spec("killed-downstream")).json()["id"]
+    svc.wait(svc.http, job_id, until=("running",), check=lambda j: j["phase"] == "downstream" and j["step"] > 6)
+    svc.kill(svc.workers[-1])
+    R.count("faults", "worker SIGKILLed mid-downstream")
+    svc.start_worker()
+    job = svc.wait(svc.http, job_id, timeout=300)
+    assert job["status"] == "succeeded", (job["error"], job["name"])
+    assert outcome(svc, job_id) == undisturbed  # the same prompts, bit for bit, and the same scores
+    R.count("faults", "jobs that finished with the undisturbed run's result")
+
+
+def test_postgres_restarted_mid_job_is_waited_out(svc, undisturbed):
+    job_id = svc.http.post("/jobs", json=spec("postgres-restart")).json()["id"]
+    svc.wait(svc.http, job_id, until=("running",), check=lambda j: j["step"] >= 2)
+    cluster = sorted(os.listdir("/etc/postgresql"))[0]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"], check=True, timeout=120)
+    R.count("faults", "Postgres restarted mid-job")
+    job = svc.wait(svc.http, job_id, timeout=300)
+    assert job["status"] == "succeeded", (job["error"], job["name"])
+    assert outcome(svc, job_id) == undisturbed
+    R.count("faults", "jobs that finished with the undisturbed run's result")
+
+
+def restart_redis():
+    subprocess.run(["redis-cli", "-p", "6379", "shutdown", "nosave"], timeout=30)
+    subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "",
+                    "--appendonly", "no"], check=True, timeout=30)
+    for _ in range(100):
+        if subprocess.run(["redis-cli", "-p", "6379", "ping"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("Redis did not come back")
+
+
+def test_queued_jobs_whose_messages_a_redis_restart_lost_are_sent_again(svc):
+    # the only worker is busy with a long job, so the next ones wait in Redis
+    slow = spec("busy", steps=100_000, methods=["reptile"], per_method={"reptile": {"inner_steps": 40}})
+    busy = svc.http.post("/jobs", json=slow).json()["id"]
+    svc.wait(svc.http, busy, until=("running",), check=lambda j: j["step"] >= 2)
+    queued = [svc.http.post("/jobs", json=quick(f"queued-{i}")).json()["id"] for i in range(3)]
+    restart_redis()  # no persistence: the queued messages are gone
+    assert all(svc.http.get(f"/jobs/{j}").json()["status"] == "queued" for j in queued)
+    R.count("faults", "Redis restarted (without persistence) with jobs queued")
+    R.count("faults", "queued jobs whose broker message was lost", len(queued))
+    time.sleep(3)
+    before = svc.http.get(f"/jobs/{busy}").json()["step"]
+    svc.wait(svc.http, busy, until=("running",), check=lambda j: j["step"] > before)  # the worker rode it out
+    svc.http.post(f"/jobs/{busy}/cancel")
+    for job_id in queued:
+        job = svc.wait(svc.http, job_id, timeout=300)
+        assert job["status"] == "succeeded", (job["error"], job["name"])
+        assert any("no longer in the broker" in m for m in events(svc, job_id))
+
+
+def test_the_api_killed_mid_request_loses_and_duplicates_nothing(svc):
+    """Clients retry with their Idempotency-Key until they get an answer; the API is SIGKILLed
+    and restarted under them. One job per key, every one finishes."""
+    keys, answers, lock = [f"restart-{i}" for i in range(40)], {}, threading.Lock()
+
+    def client(key):
+        with httpx.Client(base_url=svc.url, headers=svc.http.headers, timeout=30) as http:
+            while True:
+                try:
+                    r = http.post("/jobs", json=quick(key), headers={"Idempotency-Key": key})
+                except httpx.TransportError:
+                    time.sleep(0.2)
+                    continue
+                assert r.status_code == 202, r.text
+                with lock:
+                    answers.setdefault(key, set()).add(r.json()["id"])
+                return
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in keys]
+    for t in threads[:20]:
+        t.start()
+    time.sleep(0.3)
+    svc.stop_api(signal.SIGKILL)
+    R.count("faults", "API SIGKILLed mid-request")
+    for t in threads[20:]:
+        t.start()
+    time.sleep(1)
+    svc.start_api()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(answers) == sorted(keys) and all(len(ids) == 1 for ids in answers.values())
+    stored = [j for j in svc.store.list_jobs(limit=200)[0] if j.idempotency_key in answers]
+    assert len(stored) == len(keys)  # no duplicates
+    for ids in answers.values():
+        job = svc.wait(svc.http, next(iter(ids)), timeout=300)
+        assert job["status"] == "succeeded", (job["error"], job["name"])
+    R.count("faults", "jobs submitted through the API restart", len(keys))
+
+
+def test_a_job_the_api_stored_but_never_sent_is_sent_by_the_reconciler(svc):
+    """As if the API died between storing a job and handing it to the broker."""
+    from core import jobs as core_jobs
+    from core.spec import parse_spec
+
+    owner = svc.store.authenticate(svc.http.headers["Authorization"].removeprefix("Bearer ")).id
+    body = quick("never-sent")
+    job, _ = svc.store.create_job(owner, "never-sent", parse_spec(body).model_dump(mode="json"),
+                                  core_jobs.spec_hash(body), core_jobs.units(parse_spec(body)))
+    R.count("faults", "jobs stored but never sent (API died in between)")
+    done = svc.wait(svc.http, job.id, timeout=120)
+    assert done["status"] == "succeeded", done["error"]
+
+
+# --- load -------------------------------------------------------------------------------------
+def test_200_concurrent_submissions_and_a_minute_of_reads_lose_nothing(svc):
+    """200 jobs submitted at once, 8 clients reading for at least 60 s while two workers drain
+    them: no 5xx, one job per submission, every job finished."""
+    import asyncio
+    import random
+
+    import numpy as np
+
+    svc.start_worker()  # two workers, one per core
+    headers, n_jobs, readers, statuses, read_ms = dict(svc.http.headers), 200, 8, [], []
+
+    async def run():
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        async with httpx.AsyncClient(base_url=svc.url, headers=headers, timeout=60, limits=limits) as http:
+            async def submit(i):
+                r = await http.post("/jobs", json=quick(f"load-{i}"), headers={"Idempotency-Key": f"load-{i}"})
+                statuses.append(r.status_code)
+                return r.json().get("id") if r.status_code == 202 else None
+
+            t0 = time.monotonic()
+            ids = await asyncio.gather(*(submit(i) for i in range(n_jobs)))
+            submit_s = time.monotonic() - t0
+            done: dict[str, str] = {}
+
+            async def reader(seed):
+                rng = random.Random(seed)
+                while time.monotonic() - t0 < 60 or len(done) < n_jobs:
+                    job_id = rng.choice(ids)
+                    start = time.perf_counter()
+                    r = await (http.get(f"/jobs/{job_id}") if rng.random() < 0.8 else http.get("/jobs?limit=50"))
+                    read_ms.append(1000 * (time.perf_counter() - start))
+                    statuses.append(r.status_code)
+                    if r.status_code == 200 and "status" in r.json() and r.json()["status"] in (
+                            "succeeded", "failed", "cancelled"):
+                        done[job_id] = r.json()["status"]
+                    if time.monotonic() - t0 > 600:
+                        return
+                    await asyncio.sleep(0.1)  # ~10 requests a second each: steady, not saturating
+
+            await asyncio.gather(*(reader(s) for s in range(readers)))
+            return ids, submit_s, time.monotonic() - t0, done
+
+    ids, submit_s, total_s, _ = asyncio.run(run())
+    server_errors = sum(s >= 500 for s in statuses)
+    assert server_errors == 0
+    assert all(ids) and len(set(ids)) == n_jobs  # every submission accepted, each its own job
+    stored = [j for j in svc.store.list_jobs(limit=1000)[0] if (j.idempotency_key or "").startswith("load-")]
+    assert len(stored) == n_jobs
+    finished = {j.id: j.status for j in stored}
+    assert set(finished) == set(ids) and set(finished.values()) == {"succeeded"}, \
+        {s: sum(v == s for v in finished.values()) for s in set(finished.values())}
+    assert all(len(svc.store.scores(j)) == 1 for j in ids)  # each run stored once
+    R.note("load", "jobs submitted concurrently", n_jobs)
+    R.note("load", "jobs accepted (202)", len(set(ids)))
+    R.note("load", "seconds to accept all submissions", submit_s)
+    R.note("load", "read requests (GET /jobs/{id}, GET /jobs) by 8 clients", len(read_ms))
+    R.note("load", "read latency p50 / p99 (ms)", f"{np.percentile(read_ms, 50):.0f} / {np.percentile(read_ms, 99):.0f}")
+    R.note("load", "seconds until every job finished (2 workers, 2 cores)", total_s)
+    R.note("load", "5xx responses", server_errors)
+    R.note("load", "jobs lost", n_jobs - len(finished))
+    R.note("load", "jobs duplicated", len(stored) - n_jobs)
+    R.note("load", "jobs finished succeeded", sum(v == "succeeded" for v in finished.values()))
