@@ -641,6 +641,12 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
                 raise unprocessable(["body", "files"], str(e).replace(f"{tmp}/", "").replace(tmp, "")) from None
             except RecursionError:
                 raise unprocessable(["body", "files"], "the task's JSON is nested too deeply to be a task") from None
+            except (TypeError, AttributeError, KeyError, IndexError) as e:
+                # a value of a shape the reader did not foresee (a number where text belongs): the
+                # file's fault, so a 422; logged, so that the reader learns to name the field
+                log.warning("reader failed on an uploaded %s task", fmt, exc_info=e)
+                raise unprocessable(["body", "files"], f"the {fmt} file could not be read: a value has a type the "
+                                                       f"format does not allow ({type(e).__name__}: {e})") from None
         parts = {"examples": task.examples, "test examples": task.test or []}
         parts |= {f"seed {seed} {part}": getattr(split, part) for seed, split in task.splits.items()
                   for part in ("train", "dev", "test")}

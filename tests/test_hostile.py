@@ -88,6 +88,9 @@ UPLOADS = [  # (what, files, what the refusal says)
     ("a .safetensors file", [(b"prompt.safetensors", b'{"a": 1}')], "none of the accepted formats"),
     ("an empty .jsonl", [(b"r.jsonl", b"")], "r.jsonl"),
     ("a JSON list as task.json", [(b"task.json", b"[1, 2, 3]")], "task.json"),
+    ("a number as BIG-bench's preferred_score",
+     [(b"task.json", b'{"examples": [{"input": "q", "target": "a"}], "preferred_score": 1}')],
+     "the bigbench file could not be read: a value has a type the format does not allow"),
     ("task.json nested 100000 deep", [(b"task.json", b"[" * 100_000 + b"]" * 100_000)], "nested too deeply"),
     ("a .jsonl line nested 100000 deep", [(b"r.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n")], "nested too deeply"),
     ("a line of 5 MB", [(b"r.jsonl", JSONL + json.dumps({"input": "x" * BIG, "output": "positive"}).encode())],
@@ -139,6 +142,84 @@ def test_hostile_uploads_are_refused_quickly_with_the_reason_and_nothing_is_stor
     assert store.list_tasks() == []
     assert post_task(api, [(b"r.jsonl", JSONL)]).status_code == 201  # the same route still takes a good one
     R.count("hostile", "hostile uploads tried", sent)
+
+
+def test_the_upload_caps_are_settings_and_exact(api, store, env):
+    env.setenv("PRIMER_MAX_TASK_EXAMPLES", "1000")
+    env.setenv("PRIMER_MAX_EXAMPLE_CHARS", "50")
+    limits.cache_clear()
+
+    def rows(n, text="x"):
+        return b"".join(json.dumps({"input": f"{text}{i}", "output": "ab"[i % 2]}).encode() + b"\n" for i in range(n))
+
+    assert post_task(api, [(b"r.jsonl", rows(1000))], name=b"at_the_cap").status_code == 201
+    r = post_task(api, [(b"r.jsonl", rows(1001))], name=b"over")
+    assert r.status_code == 422
+    assert detail(r) == "the files hold 1001 lines; a task holds at most 1000 examples, one per line"
+    assert post_task(api, [(b"r.jsonl", rows(2, "x" * 49))], name=b"long").status_code == 201  # "x"*49 + "0": 50
+    r = post_task(api, [(b"r.jsonl", rows(2, "x" * 50))], name=b"longer")
+    assert r.status_code == 422 and detail(r) == ("examples: example 1 has a text of 51 characters; accepted: at most "
+                                                  "50 characters per input or answer")
+    assert [t.name for t in store.list_tasks()] == ["at_the_cap", "long"]
+
+
+def test_no_generated_task_file_gets_a_5xx(pg_url, env):
+    """Hypothesis writes JSONL, CrossFit TSV and BIG-bench files with odd values where text is
+    expected (numbers, lists, nulls, NaN, empty and tab-holding labels) under every type, metric
+    and option set: each upload is stored (201) or refused with a 4xx, never a 500."""
+    from hypothesis import HealthCheck, given
+    from hypothesis import settings as hypothesis_settings
+    from hypothesis import strategies as st
+
+    from core.store import Store
+
+    store = Store(pg_url)
+    store.upgrade()
+    api = Api(store, raise_server_exceptions=False)
+    # mostly good rows, and in about half the files one odd row where text is expected
+    text = st.text(st.characters(codec="utf-8", exclude_characters="\n\r\t"), min_size=1, max_size=8)
+    label = st.sampled_from(["a", "b"])
+    odd = st.one_of(st.sampled_from(["", " ", "a\tb", "1.5"]), st.integers(-3, 3), st.floats(), st.none(),
+                    st.lists(label, max_size=3), st.dictionaries(label, st.sampled_from([0, 1, 0.5, -1]), max_size=3))
+
+    def files_of(good, bad):
+        return st.tuples(st.lists(good, min_size=2, max_size=8), st.lists(bad, max_size=1)).map(lambda t: t[0] + t[1])
+
+    jsonl = files_of(st.fixed_dictionaries({"input": text, "output": label}),
+                     st.fixed_dictionaries({"input": st.one_of(text, odd), "output": odd}))
+    tsv = files_of(st.tuples(text, label).map("\t".join),
+                   st.lists(st.one_of(text, odd.map(str)), max_size=3).map("\t".join))
+    bigbench = st.fixed_dictionaries(
+        {"examples": files_of(st.fixed_dictionaries({"input": text, "target": label}),
+                              st.fixed_dictionaries({"input": st.one_of(text, odd)},
+                                                    optional={"target": odd, "target_scores": odd}))},
+        optional={"preferred_score": st.one_of(odd, st.sampled_from(["exact_str_match", "multiple_choice_grade"])),
+                  "metrics": odd, "task_prefix": odd, "append_choices_to_input": odd})
+    names, seen = iter(range(10**6)), {}
+
+    @given(kind=st.sampled_from(["jsonl", "tsv", "bigbench"]), rows=st.data(),
+           type=st.sampled_from(["", *("classification", "multiple_choice", "qa", "generation", "regression")]),
+           options=st.sampled_from(["", "a,b", "a", "a,b,c"]),
+           metric=st.sampled_from(["", "ACC", "EM", "QA-F1", "Classification-F1", "MCC", "Pearson-Correlation", "x"]))
+    @hypothesis_settings(max_examples=400, derandomize=True, database=None, deadline=None,
+                         suppress_health_check=list(HealthCheck))
+    def upload(kind, rows, type, options, metric):
+        if kind == "jsonl":
+            files = [(b"t.jsonl", "\n".join(map(json.dumps, rows.draw(jsonl))).encode())]
+        elif kind == "tsv":
+            files = tsv_split("t", "\n".join(rows.draw(tsv)).encode())
+        else:
+            files = [(b"task.json", json.dumps(rows.draw(bigbench)).encode())]
+        body, content_type = multipart({"name": b"t%d" % next(names), "type": type.encode(),
+                                        "options": options.encode(), "metric": metric.encode()}, files)
+        r = api.client.post("/tasks", content=body, headers={**api.alice, "Content-Type": content_type})
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code in (201, 422), (r.status_code, files[0][1][:300], r.text[:300])
+
+    upload()
+    store.engine.dispose()
+    assert seen[201] > 50 and seen[422] > 50  # both sides of the readers were reached
+    R.count("hostile", "generated task files uploaded (hypothesis; stored or refused, no 5xx)", sum(seen.values()))
 
 
 def raw_spec(text: str) -> bytes:
