@@ -61,3 +61,14 @@ class Client:
 
     def download(self, prompt_id: str, fmt: str = "safetensors") -> bytes:
         return self.request("GET", f"/prompts/{prompt_id}", params={"format": fmt}).content
+
+    # admin keys only
+    def create_key(self, name: str, admin: bool = False) -> dict:
+        """The new key, with its secret (shown this once)."""
+        return self.request("POST", "/keys", json={"name": name, "admin": admin}).json()
+
+    def keys(self) -> list[dict]:
+        return self.request("GET", "/keys").json()["keys"]
+
+    def revoke_key(self, key_id: str) -> dict:
+        return self.request("DELETE", f"/keys/{key_id}").json()

@@ -12,6 +12,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import update
@@ -385,6 +386,24 @@ def test_an_admin_manages_keys_over_http_and_no_one_else_can(api, store):
         assert r.status_code == 422 and message in detail(r), (body, r.text)
     r = api.client.post("/keys", json={"name": "ops2", "admin": True}, headers=api.admin)
     assert api.client.get("/keys", headers={"Authorization": f"Bearer {r.json()['secret']}"}).status_code == 200
+
+
+def test_the_python_client_manages_keys_and_says_why_it_was_refused(api):
+    from api.client import Client, ClientError
+
+    def client(headers):
+        c = Client(url="http://testserver", key="unused")
+        c.http = TestClient(api.client.app, headers=headers)  # the in-process app instead of a socket
+        return c
+
+    ops, alice = client(api.admin), client(api.alice)
+    dave = ops.create_key("dave")
+    assert [k["name"] for k in ops.keys()] == ["alice", "bob", "ops", "dave"]
+    assert ops.revoke_key(dave["id"])["revoked_at"] is not None
+    with pytest.raises(ClientError, match="HTTP 403: managing API keys needs an admin key"):
+        alice.keys()
+    with pytest.raises(ClientError, match=r"HTTP 422: body.name: String should have at most 200 characters"):
+        ops.create_key("x" * 201)
 
 
 def test_a_revoked_key_gets_401_everywhere(api, store):
