@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import schemas as S
-from api.limits import RateLimiter, limits
+from api.limits import RateLimiter
 from core.settings import settings
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ PLOTS = ("relative_gain.png", "upstream_loss.png", "clusters.png")
 TASK_TYPES = ("classification", "multiple_choice", "qa", "generation", "regression")
 TASK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
 CROSSFIT_FILE = re.compile(r"(?P<task>.+)_\d+_\d+_(train|dev|test)\.tsv")
+DB_WAIT = 5.0  # seconds a request waits for the database to come back before it is a 503
 FORM_SLACK = 64 * 1024  # multipart boundaries and text fields on top of the files themselves
 # Compressed or packed files start with these bytes. A task file is plain text; an archive is refused
 # by its first bytes and never opened, so a zip or gzip bomb costs nothing.
@@ -171,7 +172,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
     from core.tasks.base import TaskError, TaskInfo
 
     own_store = store is None
-    store = Store(settings().db_url()) if own_store else store
+    store = Store(settings().db_url(), retry_seconds=DB_WAIT) if own_store else store
     enqueue = enqueue or _default_enqueue
     broker_ping = broker_ping or _default_broker_ping
 
@@ -228,12 +229,21 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
+        from sqlalchemy.exc import DBAPIError
+
+        from core.store import transient
+
+        if isinstance(exc, DBAPIError) and transient(exc):
+            log.warning("store unavailable on %s %s: %s", request.method, request.url.path, type(exc.orig).__name__)
+            return JSONResponse({"detail": f"the store is unavailable (its database is restarting or unreachable); "
+                                           f"retry in {DB_WAIT:.0f} s, with the same Idempotency-Key for a POST"},
+                                503, headers={"Retry-After": f"{DB_WAIT:.0f}"})
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": "internal error"}, 500)
 
     # --- auth and lookups ---------------------------------------------------------------------
     bearer = HTTPBearer(auto_error=False, description="an API key")
-    limiter = RateLimiter(limits().rate_limit)
+    limiter = RateLimiter(settings().rate_limit)
 
     def auth(creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
         key = store.authenticate(creds.credentials) if creds else None
@@ -352,7 +362,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
             spec = core_jobs.check(body, store, key.id)
         except SpecError as e:
             raise HTTPException(422, [{"loc": list(loc), "msg": msg} for loc, msg in e.errors]) from None
-        d, most = spec.downstream, limits().max_job_runs
+        d, most = spec.downstream, settings().max_job_runs
         runs = len(spec.targets) * len(d.seeds) * sum(len(d.ft_lrs if m == "ft" else d.lrs) for m in spec.methods)
         if runs > most:  # counted before core.jobs.units lists them: a million runs would be a million rows
             raise unprocessable(["body", "downstream"], f"the job asks for {runs} downstream runs (targets x methods x "
@@ -616,7 +626,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
                                                    "task.json, or one .jsonl file of {\"input\", \"output\"} objects")
         if kind is None and fmt != "bigbench":
             raise unprocessable(["body", "type"], f"a {fmt} task needs its type; accepted: {', '.join(TASK_TYPES)}")
-        most = limits().max_task_examples
+        most = settings().max_task_examples
         lines = sum(data.count(b"\n") + (not data.endswith(b"\n")) for data in files.values())
         if fmt != "bigbench" and lines > most:  # refused before reading: a million lines would take seconds
             raise unprocessable(["body", "files"], f"the files hold {lines} lines; a task holds at most {most} "
@@ -653,7 +663,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
         examples = sum(map(len, parts.values()))
         if examples > most:
             raise unprocessable(["body", "files"], f"the task holds {examples} examples; accepted: at most {most}")
-        if problem := too_long(parts, limits().max_example_chars):
+        if problem := too_long(parts, settings().max_example_chars):
             raise unprocessable(["body", "files"], problem)
         try:
             row = store.save_task(key.id, name, info.type, info.metric, list(info.options) if info.options else None,

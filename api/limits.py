@@ -1,32 +1,9 @@
-"""What one API process lets a key do: requests per minute, and how big an uploaded task or a job
-may be. Settings from the environment (prefix PRIMER_), like core.settings."""
+"""The per-key rate limit of one API process (PRIMER_RATE_LIMIT, core.settings)."""
 from __future__ import annotations
 
 import math
 import threading
 import time
-from functools import lru_cache
-
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-
-class Limits(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PRIMER_")
-
-    # Requests per minute per API key, in bursts of up to as many; 0 turns the limit off. Counted
-    # in each API process's memory: N API processes let a key make N times as many.
-    rate_limit: int = 1200
-    # An uploaded task: at most this many examples (lines), each input or answer at most this
-    # many characters (a backbone reads a few hundred tokens of it).
-    max_task_examples: int = 100_000
-    max_example_chars: int = 100_000
-    # A job: at most this many downstream runs (targets x methods x split seeds x learning rates).
-    max_job_runs: int = 10_000
-
-
-@lru_cache
-def limits() -> Limits:
-    return Limits()
 
 
 class RateLimiter:

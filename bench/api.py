@@ -64,6 +64,7 @@ class Service:
         self.env = os.environ | {
             "PRIMER_DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.db}",
             "PRIMER_BROKER_URL": f"redis://127.0.0.1:6379/{BROKER_DB}",
+            "PRIMER_RATE_LIMIT": "0",  # one key at saturation: the limit would answer most of it with 429
             "PRIMER_BACKBONES": f"bench={backbone}" if self.backbone == "bench" else backbone,
         }
         self.store = Store(self.env["PRIMER_DATABASE_URL"])

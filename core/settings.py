@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     # How long a store call waits for the database to come back (a Postgres restart) before it fails.
     db_retry_seconds: float = 30.0
     max_upload_bytes: int = 20 * 1024 * 1024
+    # An uploaded task: at most this many examples (lines), each input or answer at most this
+    # many characters (a backbone reads a few hundred tokens of it).
+    max_task_examples: int = 100_000
+    max_example_chars: int = 100_000
+    # A job: at most this many downstream runs (targets x methods x split seeds x learning rates).
+    max_job_runs: int = 10_000
+    # Requests per minute per API key, in bursts of up to as many; 0 turns the limit off. Counted
+    # in each API process's memory: N API processes let a key make N times as many.
+    rate_limit: int = 1200
     max_body_bytes: int = 1024 * 1024  # JSON bodies (specs)
     cors_origins: str = ""  # comma-separated; CORS is off unless set
     # The client (`primer submit`): where the API is and the key it sends.

@@ -31,6 +31,15 @@ def note(section: str, what: str, value: object) -> None:
     FIGURES[section][what] = value
 
 
+def finished(n: int, same: int = 0) -> None:
+    """n jobs of a fault test submitted and seen to finish (the test asserted it), `same` of them
+    with the prompts and scores of the undisturbed run."""
+    count("faults", "jobs submitted", n)
+    count("faults", "jobs finished (succeeded, or cancelled as asked)", n)
+    if same:
+        count("faults", "jobs whose prompts and scores equal the undisturbed run's, bit for bit", same)
+
+
 def complete() -> bool:
     return all(FIGURES.get(s) for s in SECTIONS)
 
@@ -44,7 +53,10 @@ def render(seconds: float) -> str:
              f"Python {platform.python_version()}, suite {seconds / 60:.1f} min.", ""]
     for section, title in SECTIONS.items():
         lines += [f"## {title}", "", "| what | figure |", "|---|---|"]
-        for what, value in FIGURES[section].items():
+        figures = dict(FIGURES[section])
+        if "jobs submitted" in figures:  # what the section's tests submitted and did not see finish
+            figures["jobs lost"] = figures["jobs submitted"] - figures["jobs finished (succeeded, or cancelled as asked)"]
+        for what, value in figures.items():
             shown = f"{value:.2f}" if isinstance(value, float) else str(value)
             lines.append(f"| {what} | {shown} |")
         lines.append("")

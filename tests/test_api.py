@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from api.app import FORMATS, create_app
-from api.limits import limits
 from core.settings import settings
 from core.store.models import Prompt
 from core.tasks import packs
@@ -29,10 +28,8 @@ def env(monkeypatch, tiny_dir):
     monkeypatch.delenv("PRIMER_CORS_ORIGINS", raising=False)
     monkeypatch.delenv("PRIMER_RATE_LIMIT", raising=False)
     settings.cache_clear()
-    limits.cache_clear()
     yield monkeypatch
     settings.cache_clear()
-    limits.cache_clear()
 
 
 class Api:
@@ -466,6 +463,17 @@ def test_an_unexpected_error_is_a_bare_500(store, env, monkeypatch):
     monkeypatch.setattr(store, "counts", lambda: 1 / 0)
     r = api.client.get("/metrics")
     assert r.status_code == 500 and r.json() == {"detail": "internal error"}
+
+
+def test_a_database_that_is_away_is_a_503_saying_when_to_retry(env):
+    from core.store import Store
+
+    away = Store("postgresql+psycopg://postgres@127.0.0.1:1/primer", retry_seconds=0)  # connection refused
+    down = TestClient(create_app(away, lambda job_id: None, lambda: True), raise_server_exceptions=False)
+    r = down.get("/jobs", headers={"Authorization": "Bearer pk_anything"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert "the store is unavailable" in r.json()["detail"] and "same Idempotency-Key" in r.json()["detail"]
+    assert down.get("/healthz").status_code == 200 and down.get("/readyz").json()["database"].startswith("down")
 
 
 def test_cors_only_when_origins_are_set(store, env):

@@ -218,7 +218,7 @@ def test_a_worker_killed_mid_downstream_loses_nothing(svc, undisturbed):
     job = svc.wait(svc.http, job_id, timeout=300)
     assert job["status"] == "succeeded", (job["error"], job["name"])
     assert outcome(svc, job_id) == undisturbed  # the same prompts, bit for bit, and the same scores
-    R.count("faults", "jobs that finished with the undisturbed run's result")
+    R.finished(1, same=1)
 
 
 def test_postgres_restarted_mid_job_is_waited_out(svc, undisturbed):
@@ -230,7 +230,7 @@ def test_postgres_restarted_mid_job_is_waited_out(svc, undisturbed):
     job = svc.wait(svc.http, job_id, timeout=300)
     assert job["status"] == "succeeded", (job["error"], job["name"])
     assert outcome(svc, job_id) == undisturbed
-    R.count("faults", "jobs that finished with the undisturbed run's result")
+    R.finished(1, same=1)
 
 
 def restart_redis():
@@ -254,6 +254,7 @@ def test_queued_jobs_whose_messages_a_redis_restart_lost_are_sent_again(svc):
     assert all(svc.http.get(f"/jobs/{j}").json()["status"] == "queued" for j in queued)
     R.count("faults", "Redis restarted (without persistence) with jobs queued")
     R.count("faults", "queued jobs whose broker message was lost", len(queued))
+    R.count("faults", "jobs submitted", 1)  # the busy one, cancelled below
     time.sleep(3)
     before = svc.http.get(f"/jobs/{busy}").json()["step"]
     svc.wait(svc.http, busy, until=("running",), check=lambda j: j["step"] > before)  # the worker rode it out
@@ -262,6 +263,9 @@ def test_queued_jobs_whose_messages_a_redis_restart_lost_are_sent_again(svc):
         job = svc.wait(svc.http, job_id, timeout=300)
         assert job["status"] == "succeeded", (job["error"], job["name"])
         assert any("no longer in the broker" in m for m in events(svc, job_id))
+    assert svc.wait(svc.http, busy)["status"] == "cancelled"
+    R.count("faults", "jobs finished (succeeded, or cancelled as asked)", 1)
+    R.finished(len(queued))
 
 
 def test_the_api_killed_mid_request_loses_and_duplicates_nothing(svc):
@@ -300,7 +304,7 @@ def test_the_api_killed_mid_request_loses_and_duplicates_nothing(svc):
     for ids in answers.values():
         job = svc.wait(svc.http, next(iter(ids)), timeout=300)
         assert job["status"] == "succeeded", (job["error"], job["name"])
-    R.count("faults", "jobs submitted through the API restart", len(keys))
+    R.finished(len(keys))
 
 
 def test_a_job_the_api_stored_but_never_sent_is_sent_by_the_reconciler(svc):
@@ -315,6 +319,45 @@ def test_a_job_the_api_stored_but_never_sent_is_sent_by_the_reconciler(svc):
     R.count("faults", "jobs stored but never sent (API died in between)")
     done = svc.wait(svc.http, job.id, timeout=120)
     assert done["status"] == "succeeded", done["error"]
+    R.finished(1)
+
+
+def test_on_the_embedded_sqlite_broker_a_killed_workers_job_is_rescued_by_the_reconciler(tmp_path, tiny_dir):
+    """The one-machine default keeps no unacknowledged messages: a SIGKILLed worker's message is
+    gone, and the reconciler sends the step again (its lease lapsed, or, for a message the worker
+    had taken but not yet started, the broker no longer holds it)."""
+    from core.store import Store
+    from tests.test_service import Service, free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIMER_")} | {
+        "PRIMER_DATABASE_URL": f"sqlite:///{tmp_path / 'primer.db'}",
+        "PRIMER_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        "PRIMER_BACKBONES": f"tiny={tiny_dir['causal']}", "PRIMER_HEARTBEAT_SECONDS": "1",
+        "PRIMER_LEASE_SECONDS": "8", "PRIMER_RECONCILE_SECONDS": "2"}
+    store = Store(env["PRIMER_DATABASE_URL"])
+    store.upgrade()
+    embedded = Service(env, f"http://127.0.0.1:{free_port()}", store, tmp_path)
+    embedded.start_api()
+    embedded.start_worker()
+    try:
+        _, secret = store.create_key("solo")
+        http = embedded.client(secret)
+        job_id = http.post("/jobs", json=spec("embedded-killed")).json()["id"]
+        embedded.wait(http, job_id, until=("running",), check=lambda j: j["step"] >= 3)
+        embedded.kill(embedded.workers[-1])
+        R.count("faults", "worker SIGKILLed mid-upstream on the embedded SQLite broker")
+        embedded.start_worker()
+        job = embedded.wait(http, job_id, timeout=300)
+        assert job["status"] == "succeeded", (job["error"], job["name"])
+        assert any(" sent again: " in m["message"] for m in http.get(f"/jobs/{job_id}/events",
+                                                                      params={"limit": 1000}).json()["events"])
+        R.finished(1)
+    finally:
+        for proc in embedded.workers:
+            if proc.poll() is None:
+                embedded.kill(proc, signal.SIGTERM)
+        embedded.stop_api()
+        store.engine.dispose()
 
 
 # --- load -------------------------------------------------------------------------------------

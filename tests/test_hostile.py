@@ -18,7 +18,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from api.app import FORMATS, create_app
-from api.limits import limits
 from core.settings import settings
 from core.store.models import Prompt
 from core.tasks import packs
@@ -148,7 +147,7 @@ def test_hostile_uploads_are_refused_quickly_with_the_reason_and_nothing_is_stor
 def test_the_upload_caps_are_settings_and_exact(api, store, env):
     env.setenv("PRIMER_MAX_TASK_EXAMPLES", "1000")
     env.setenv("PRIMER_MAX_EXAMPLE_CHARS", "50")
-    limits.cache_clear()
+    settings.cache_clear()
 
     def rows(n, text="x"):
         return b"".join(json.dumps({"input": f"{text}{i}", "output": "ab"[i % 2]}).encode() + b"\n" for i in range(n))
@@ -421,7 +420,7 @@ def test_a_revoked_key_gets_401_everywhere(api, store):
 
 def test_the_rate_limit_is_per_key_and_says_when_to_come_back(store, env, monkeypatch):
     env.setenv("PRIMER_RATE_LIMIT", "6")
-    limits.cache_clear()
+    settings.cache_clear()
     clock = [1000.0]
     monkeypatch.setattr("api.limits.time.monotonic", lambda: clock[0])
     api = Api(store)
@@ -443,7 +442,7 @@ def test_the_rate_limit_is_per_key_and_says_when_to_come_back(store, env, monkey
 
 def test_the_rate_limit_is_off_at_zero(store, env):
     env.setenv("PRIMER_RATE_LIMIT", "0")
-    limits.cache_clear()
+    settings.cache_clear()
     api = Api(store)
     assert all(api.client.get("/healthz", headers=api.alice).status_code == 200 for _ in range(3))
     assert all(api.client.get("/backbones", headers=api.alice).status_code == 200 for _ in range(50))

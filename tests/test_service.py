@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from core.prompts import prompt_from_bytes
+from tests import reliability as R
 
 REDIS_BROKER = 5
 
@@ -263,6 +264,7 @@ def test_a_worker_killed_mid_job_leaves_the_job_to_the_next_worker(service, done
     job_id = http.post("/jobs", json=spec("killed", steps=6)).json()["id"]  # the done job's spec, renamed
     service.wait(http, job_id, until=("running",), check=lambda j: j["step"] >= 3)
     service.kill(service.workers[-1])  # SIGKILL, mid upstream
+    R.count("faults", "worker SIGKILLed mid-upstream")
     service.start_worker()
     job = service.wait(http, job_id, timeout=300)
     assert job["status"] == "succeeded", job
@@ -273,6 +275,9 @@ def test_a_worker_killed_mid_job_leaves_the_job_to_the_next_worker(service, done
     assert prompts(job_id) == prompts(undisturbed["id"])  # the same final prompts, bit for bit
     scores = service.store.scores(job_id)
     assert len(scores) == len({(s.method, s.task, s.seed, s.lr) for s in scores}) == 8
+    assert ({(s.method, s.task, s.seed, s.lr): (s.dev, s.test) for s in scores}
+            == {(s.method, s.task, s.seed, s.lr): (s.dev, s.test) for s in service.store.scores(undisturbed["id"])})
+    R.finished(1, same=1)
 
 
 def test_primer_serve_needs_no_settings_and_primer_submit_follows_a_job(tmp_path, tiny_dir):
