@@ -534,3 +534,28 @@ def test_cors_headers_only_for_configured_origins(store, env):
     settings.cache_clear()
     r = TestClient(create_app(store, [].append, lambda: True)).options("/jobs", headers=preflight)
     assert "access-control-allow-origin" not in r.headers  # only the configured origin is let in
+
+
+def test_a_backbone_that_ships_its_own_code_never_runs_it(tiny_dir, tmp_path):
+    """An operator allowlists a model directory whose config maps to custom code: the code is
+    not imported (trust_remote_code is never set), whatever the loader then does."""
+    import shutil
+
+    from core.backbones import BackboneError, load
+
+    model = tmp_path / "evil"
+    shutil.copytree(tiny_dir["causal"], model)
+    marker = tmp_path / "ran"
+    for module, line in (("configuration_evil", "from transformers import LlamaConfig as EvilConfig"),
+                         ("modeling_evil", "from transformers import LlamaForCausalLM as EvilModel")):
+        (model / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n{line}\n")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
+                          "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    try:
+        load(str(model))
+    except (BackboneError, ValueError):
+        pass  # refusing is as good as loading the plain architecture
+    assert not marker.exists()
+    R.count("security", "backbones shipping their own code loaded without running it", 1)
