@@ -323,9 +323,8 @@ def test_a_job_the_api_stored_but_never_sent_is_sent_by_the_reconciler(svc):
 
 
 def test_on_the_embedded_sqlite_broker_a_killed_workers_job_is_rescued_by_the_reconciler(tmp_path, tiny_dir):
-    """The one-machine default keeps no unacknowledged messages: a SIGKILLed worker's message is
-    gone, and the reconciler sends the step again (its lease lapsed, or, for a message the worker
-    had taken but not yet started, the broker no longer holds it)."""
+    """The one-machine default keeps no unacknowledged messages: a worker SIGKILLed mid-upstream
+    takes its message with it, and only the lapsed lease brings the step back."""
     from core.store import Store
     from tests.test_service import Service, free_port
 
@@ -342,14 +341,14 @@ def test_on_the_embedded_sqlite_broker_a_killed_workers_job_is_rescued_by_the_re
     try:
         _, secret = store.create_key("solo")
         http = embedded.client(secret)
-        job_id = http.post("/jobs", json=spec("embedded-killed")).json()["id"]
-        embedded.wait(http, job_id, until=("running",), check=lambda j: j["step"] >= 3)
+        job_id = http.post("/jobs", json=spec("embedded-killed", steps=40)).json()["id"]
+        embedded.wait(http, job_id, until=("running",), check=lambda j: j["phase"] == "upstream" and j["step"] >= 3)
         embedded.kill(embedded.workers[-1])
         R.count("faults", "worker SIGKILLed mid-upstream on the embedded SQLite broker")
         embedded.start_worker()
         job = embedded.wait(http, job_id, timeout=300)
         assert job["status"] == "succeeded", (job["error"], job["name"])
-        assert any(" sent again: " in m["message"] for m in http.get(f"/jobs/{job_id}/events",
+        assert any("stopped beating" in m["message"] for m in http.get(f"/jobs/{job_id}/events",
                                                                       params={"limit": 1000}).json()["events"])
         R.finished(1)
     finally:

@@ -26,9 +26,12 @@ def accuracy(model, examples, info, prompt=None):
 @pytest.fixture(scope="module")
 def smollm2():
     load("smollm2-135m")  # fetch and convert once (first run only)
-    start = time.perf_counter()
-    backbone = load("smollm2-135m")
-    return backbone, time.perf_counter() - start
+    seconds = []
+    for _ in range(3):  # the best of 3: a load, not whatever else the machine was doing then
+        start = time.perf_counter()
+        backbone = load("smollm2-135m")
+        seconds.append(time.perf_counter() - start)
+    return backbone, min(seconds)
 
 
 def test_the_converted_backbone_loads_in_well_under_a_second(smollm2):
