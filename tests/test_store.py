@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core.store import IdempotencyConflict, Store, StoreError, TaskExists
 from core.store.models import ApiKey, Artifact, Base, Checkpoint, Event, Job, JobUnit, Prompt, Score, TaskResult
+from tests import reliability as R
 
 UNITS = {"upstream/maml": 10, "downstream/pt/sms_spam/13/0.3": 5, "downstream/maml/sms_spam/13/0.3": 5}
 
@@ -64,6 +65,8 @@ def test_migrations_go_up_down_and_up_again_and_match_the_models(empty_url):
         assert tables(store) == {"alembic_version"}
         store.upgrade()
         assert differences(store) == []
+        R.count("integrity", "Alembic upgrade, downgrade, upgrade again: clean and equal to the models "
+                             f"({store.engine.dialect.name})")
     finally:
         store.engine.dispose()
 
@@ -248,8 +251,6 @@ def test_deleting_a_job_deletes_everything_it_owns(store, alice):
 def test_concurrent_inserts_of_one_score_leave_one_row(store, alice):
     """Redelivered cells finishing at once: the unique constraint refuses every insert but one,
     and each refused one is told it was a redelivery (False), not an error."""
-    from tests import reliability as R
-
     job = new_job(store, alice)[0]
     start = threading.Barrier(8)
 
