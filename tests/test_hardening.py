@@ -325,21 +325,14 @@ def test_a_job_the_api_stored_but_never_sent_is_sent_by_the_reconciler(svc):
 def test_on_the_embedded_sqlite_broker_a_killed_workers_job_is_rescued_by_the_reconciler(tmp_path, tiny_dir):
     """The one-machine default keeps no unacknowledged messages: a worker SIGKILLed mid-upstream
     takes its message with it, and only the lapsed lease brings the step back."""
-    from core.store import Store
-    from tests.test_service import Service, free_port
+    from tests.test_service import LEASES, launched
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRIMER_")} | {
         "PRIMER_DATABASE_URL": f"sqlite:///{tmp_path / 'primer.db'}",
         "PRIMER_BROKER_URL": f"sqla+sqlite:///{tmp_path / 'broker.db'}",
-        "PRIMER_BACKBONES": f"tiny={tiny_dir['causal']}", "PRIMER_HEARTBEAT_SECONDS": "1",
-        "PRIMER_LEASE_SECONDS": "8", "PRIMER_RECONCILE_SECONDS": "2"}
-    store = Store(env["PRIMER_DATABASE_URL"])
-    store.upgrade()
-    embedded = Service(env, f"http://127.0.0.1:{free_port()}", store, tmp_path)
-    embedded.start_api()
-    embedded.start_worker()
-    try:
-        _, secret = store.create_key("solo")
+        "PRIMER_BACKBONES": f"tiny={tiny_dir['causal']}"} | LEASES
+    with launched(env, tmp_path) as embedded:
+        _, secret = embedded.store.create_key("solo")
         http = embedded.client(secret)
         job_id = http.post("/jobs", json=spec("embedded-killed", steps=40)).json()["id"]
         embedded.wait(http, job_id, until=("running",), check=lambda j: j["phase"] == "upstream" and j["step"] >= 3)
@@ -351,12 +344,6 @@ def test_on_the_embedded_sqlite_broker_a_killed_workers_job_is_rescued_by_the_re
         assert any("stopped beating" in m["message"] for m in http.get(f"/jobs/{job_id}/events",
                                                                       params={"limit": 1000}).json()["events"])
         R.finished(1)
-    finally:
-        for proc in embedded.workers:
-            if proc.poll() is None:
-                embedded.kill(proc, signal.SIGTERM)
-        embedded.stop_api()
-        store.engine.dispose()
 
 
 # --- load -------------------------------------------------------------------------------------

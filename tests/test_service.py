@@ -92,13 +92,36 @@ class Service:
                              f"after {timeout} s")
 
 
+# a step whose worker is silent for 8 s is sent again
+LEASES = {"PRIMER_HEARTBEAT_SECONDS": "1", "PRIMER_LEASE_SECONDS": "8", "PRIMER_RECONCILE_SECONDS": "2"}
+
+
+@contextmanager
+def launched(env, root):
+    """uvicorn and one Celery worker on the store and broker `env` names, stopped afterwards."""
+    from core.store import Store
+
+    store = Store(env["PRIMER_DATABASE_URL"])
+    store.upgrade()
+    svc = Service(env, f"http://127.0.0.1:{free_port()}", store, root)
+    svc.start_api()
+    svc.start_worker()
+    try:
+        yield svc
+    finally:
+        for proc in svc.workers:
+            if proc.poll() is None:
+                svc.kill(proc, signal.SIGTERM)
+        svc.stop_api()
+        store.engine.dispose()
+
+
 @contextmanager
 def running_service(root, **env):
     """A fresh Postgres database, an emptied Redis broker db, uvicorn and one Celery worker."""
     import redis
     from sqlalchemy import create_engine, text
 
-    from core.store import Store
     from tests import tiny
     from tests.conftest import PG_ADMIN
 
@@ -114,24 +137,12 @@ def running_service(root, **env):
         "PRIMER_BROKER_URL": f"redis://127.0.0.1:6379/{REDIS_BROKER}",
         "PRIMER_BACKBONES": f"tiny={model},gone={root / 'deleted-model'}",  # gone: an operator's mistake
         "PRIMER_VISIBILITY_TIMEOUT": "15",  # a killed worker's task goes to another after 15 s
-        "PRIMER_HEARTBEAT_SECONDS": "1",  # and a step whose worker is silent for 8 s is sent again
-        "PRIMER_LEASE_SECONDS": "8",
-        "PRIMER_RECONCILE_SECONDS": "2",
         "PRIMER_MAX_UPLOAD_BYTES": "100000",
-    } | env
-    store = Store(env["PRIMER_DATABASE_URL"])
-    store.upgrade()
-    svc = Service(env, f"http://127.0.0.1:{free_port()}", store, root)
-    svc.start_api()
-    svc.start_worker()
+    } | LEASES | env
     try:
-        yield svc
+        with launched(env, root) as svc:
+            yield svc
     finally:
-        for proc in svc.workers:
-            if proc.poll() is None:
-                svc.kill(proc, signal.SIGTERM)
-        svc.stop_api()
-        store.engine.dispose()
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
