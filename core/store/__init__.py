@@ -391,7 +391,7 @@ class Store:
             changed = s.execute(update(Dispatch).where(
                 Dispatch.job_id == job_id, Dispatch.step == step, Dispatch.done.is_(False),
                 Dispatch.message_id == resend.message_id, Dispatch.attempts == resend.attempts,
-            ).values(message_id=message_id, sent_at=now(), sends=Dispatch.sends + 1, worker=None)).rowcount
+            ).values(message_id=message_id, sent_at=now(), worker=None)).rowcount
         return message_id if changed else None
 
     def claim(self, job_id: str, step: str, worker: str, lease: float) -> int | None:

@@ -22,7 +22,6 @@ def upgrade() -> None:
     sa.Column('args', sa.JSON(), nullable=False),
     sa.Column('message_id', sa.String(length=64), nullable=False),
     sa.Column('sent_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('sends', sa.Integer(), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('worker', sa.String(length=200), nullable=True),
     sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=True),
