@@ -52,7 +52,7 @@ FORM_SLACK = 64 * 1024  # multipart boundaries and text fields on top of the fil
 ARCHIVES = {b"PK\x03\x04": "zip", b"PK\x05\x06": "zip", b"\x1f\x8b": "gzip", b"BZh": "bzip2",
             b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"7z\xbc\xaf\x27\x1c": "7z",
             b"Rar!\x1a\x07": "rar"}
-MAX_EVENT_ID = 2**31 - 1  # events.id is a 32-bit integer column: a larger `after` is an error in Postgres
+MAX_EVENT_ID = 2**63 - 1  # events.id is a 64-bit integer column: a larger `after` is an error in Postgres
 
 JOB_BODY_DOC = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "description": "a job spec: the fields of core.spec.JobSpec (name, backbone, prompt, "
@@ -71,10 +71,11 @@ UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data
                   "or one .jsonl file of {\"input\", \"output\"} objects"}}}}}}}
 
 
-def _default_enqueue(job_id: str) -> None:
+def _default_enqueue(store: Store) -> Callable[[str], None]:
+    """Send new jobs to the Celery workers, recording each in the API's own store."""
     from worker.app import enqueue
 
-    enqueue(job_id)
+    return lambda job_id: enqueue(job_id, store)
 
 
 def _default_broker_ping() -> object:
@@ -173,7 +174,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
 
     own_store = store is None
     store = Store(settings().db_url(), retry_seconds=DB_WAIT) if own_store else store
-    enqueue = enqueue or _default_enqueue
+    enqueue = enqueue or _default_enqueue(store)
     broker_ping = broker_ping or _default_broker_ping
 
     @asynccontextmanager
@@ -379,12 +380,10 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
             return view(job)
         try:
             enqueue(job.id)
-        except Exception:
+        except Exception as e:  # the job is stored: the workers' reconciler sends it once the broker is back
             log.exception("could not enqueue job %s", job.id)
-            store.set_status(job.id, "failed", phase="failed", error_code="enqueue_failed",
-                             error_message="the job could not be handed to the workers")
-            raise HTTPException(503, f"job {job.id} was stored but could not be queued for the workers, so it is "
-                                     "marked failed; submit it again later with a new Idempotency-Key") from None
+            store.add_event(job.id, f"the broker could not be reached ({type(e).__name__}); the job stays queued "
+                                    "and is sent to the workers when the broker is back")
         return view(job)
 
     @app.get("/jobs", response_model=S.JobList, tags=["jobs"])
@@ -671,7 +670,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
                                   files={"task.jsonl": files[names[0]]} if fmt == "jsonl" else files)
         except TaskExists:  # a concurrent upload of the same name won the race
             raise HTTPException(409, f"you already have a task named {name!r}; pick another name") from None
-        return S.task_out(row)
+        return S.task_out(row, [note.replace(f"{tmp}/", "") for note in task.notes])
 
     @app.get("/tasks", response_model=S.TaskList, tags=["tasks"])
     def list_tasks(key=Depends(auth)):

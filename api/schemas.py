@@ -113,6 +113,7 @@ class TaskOut(BaseModel):
     examples: int
     files: list[str]
     created_at: str | None
+    warnings: list[str] = []  # on upload: what the reader left out of the files, and why
 
 
 class PackOut(BaseModel):
@@ -188,6 +189,6 @@ def prompt_info(p) -> PromptInfo:
                       created_at=iso(p.created_at))
 
 
-def task_out(t) -> TaskOut:
+def task_out(t, warnings: list[str] = ()) -> TaskOut:
     return TaskOut(id=t.id, name=t.name, type=t.type, metric=t.metric, options=t.options, format=t.format,
-                   examples=t.examples, files=sorted(t.files), created_at=iso(t.created_at))
+                   examples=t.examples, files=sorted(t.files), created_at=iso(t.created_at), warnings=list(warnings))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,10 +140,19 @@ class Cancelled(Exception):
     """The job was cancelled; the step that notices stops where it is."""
 
 
+class LeaseLost(Exception):
+    """Another worker holds this step now (this one was silent past the lease, or the step was
+    finished elsewhere): the step stops where it is and leaves the work to that worker."""
+
+
+# Set by the worker's heartbeat when its lease is gone; one step per worker process at a time.
+lease_lost = threading.Event()
+
+
 class Reporter:
-    """A progress callback for one unit of work: checks for cancellation at every step (one
-    indexed read), writes its step to the store at most every `every` seconds, and records
-    metric points (losses, dev scores) as events."""
+    """A progress callback for one unit of work: checks for cancellation and for a lost lease at
+    every step (one indexed read), writes its step to the store at most every `every` seconds,
+    and records metric points (losses, dev scores) as events."""
 
     def __init__(self, store, job_id: str, unit: str, every: float = 1.0):
         self.store, self.job_id, self.unit, self.every = store, job_id, unit, every
@@ -156,6 +166,10 @@ class Reporter:
             self.store.progress(self.job_id, self.unit, step)
             self.store.add_event(self.job_id, f"{self.unit} stopped at step {step}: cancelled", step=step)
             raise Cancelled(self.job_id)
+        if lease_lost.is_set():
+            self.store.add_event(self.job_id, f"{self.unit} stopped at step {step} on this worker: "
+                                              "another worker holds it now", step=step)
+            raise LeaseLost(self.unit)
         if time.monotonic() - self.last >= self.every:
             self.last = time.monotonic()
             if "loss" in event:

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from api.app import FORMATS, create_app
+from core import jobs as core_jobs
 from core.settings import settings
 from core.store.models import Prompt
 from core.tasks import packs
@@ -140,16 +141,20 @@ def test_a_body_over_the_limit_is_a_413(api, env):
     assert api.jobs() == 0
 
 
-def test_a_job_the_workers_cannot_take_is_marked_failed(store, env):
+def test_a_job_submitted_while_the_broker_is_down_stays_queued_until_the_reconciler_sends_it(store, env):
     def down(job_id):
         raise ConnectionError("broker unreachable")
 
     api = Api(store)
     api.client = TestClient(create_app(store, down, lambda: True))
     r = api.submit()
-    assert r.status_code == 503 and "could not be queued" in r.json()["detail"]
-    job = api.client.get("/jobs", headers=api.alice).json()["jobs"][0]
-    assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    events = api.client.get(f"/jobs/{r.json()['id']}/events", headers=api.alice).json()["events"]
+    assert "the broker could not be reached (ConnectionError)" in events[-1]["message"]
+    sent = []  # the broker is back: a worker's reconciler sends the job
+    did = core_jobs.reconcile(store, lambda *a: sent.append(a), set(), lease=60, grace=0, max_attempts=3)
+    assert did == [f"{r.json()['id']}: stored but never sent; sent"] and sent[0][:2] == ("primer.start", [r.json()["id"]])
+    assert store.get_job(r.json()["id"]).status == "queued"
 
 
 def test_pages_of_jobs_hold_each_job_once_and_filter_by_status(api):
@@ -389,11 +394,15 @@ def test_crossfit_and_bigbench_uploads(api):
     assert r.status_code == 201, r.text
     assert (r.json()["format"], r.json()["examples"], r.json()["metric"]) == ("crossfit", 6, "Classification-F1")
 
-    bigbench = {"examples": [{"input": "2+2", "target": "4"}, {"input": "3+3", "target": "6"}]}
+    assert r.json()["warnings"] == []
+    bigbench = {"examples": [{"input": "2+2", "target": "4"}, {"input": "3+3", "target": "6"}, {"input": "?", "target": ""}]}
     r = api.client.post("/tasks", data={"name": "sums"}, files=[("files", ("task.json", json.dumps(bigbench)))],
                         headers=api.alice)
     assert r.status_code == 201, r.text
     assert (r.json()["type"], r.json()["metric"], r.json()["format"]) == ("generation", "EM", "bigbench")
+    assert r.json()["examples"] == 2  # the uploader is told which example was left out
+    assert r.json()["warnings"] == ["task.json: skipped 1 example(s) whose answer is empty text, which cannot be "
+                                    "trained on or scored: [2]"]
 
 
 @pytest.mark.parametrize("files, fields, status, message", [

@@ -111,6 +111,36 @@ def test_a_done_step_is_not_claimed_again(store, job):
     assert store.claim(job.id, "never-sent", "w2", lease=0) is None
 
 
+def test_a_worker_whose_lease_another_worker_took_stops_at_its_next_step(store, job, monkeypatch):
+    from core.settings import settings
+    from worker import tasks
+
+    monkeypatch.setenv("PRIMER_HEARTBEAT_SECONDS", "0.05")
+    settings.cache_clear()
+    monkeypatch.setattr(tasks, "store", lambda: store)
+    jobs.send(store, Broker(), job.id, "start", "primer.start", [job.id])
+    steps = []
+
+    def body():  # a training loop reporting every step; after step 3 this worker goes silent too long
+        report = jobs.Reporter(store, job.id, "upstream/maml")
+        for step in range(500):
+            report({"phase": "upstream", "method": "maml", "step": step, "loss": 1.0})
+            steps.append(step)
+            if step == 3:
+                assert store.claim(job.id, "start", "w2", lease=0) == 2  # the reconciler resent it; w2 took it
+            time.sleep(0.01)
+
+    try:
+        tasks.run_step(job.id, "start", body)
+    finally:
+        settings.cache_clear()
+    assert 3 < len(steps) < 100  # stopped within a few beats, not after the 500 steps
+    assert [d.worker for d in store.open_dispatches()] == ["w2"]  # w2's lease, not released by the loser
+    assert store.beat(job.id, "start", "w2")
+    assert any("another worker holds it now" in e.message for e in store.events(job.id))
+    assert store.get_job(job.id).status == "queued"  # neither failed nor touched
+
+
 @pytest.mark.parametrize("broker", ["redis", "sqlite"])
 def test_the_reconciler_reads_which_messages_each_broker_holds(broker, tmp_path):
     import os
@@ -160,6 +190,33 @@ def test_store_calls_wait_for_a_database_that_is_away_but_not_for_a_wrong_query(
     with pytest.raises(OperationalError, match="no such table"):
         empty.list_jobs()
     assert time.monotonic() - t < 1
+
+
+def test_a_store_call_made_by_another_waits_only_once(tmp_path):
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from core.store import retrying
+
+    calls = {"outer": 0, "inner": 0}
+
+    class Flaky(Store):  # Postgres is down for longer than the wait
+        @retrying
+        def inner(self):
+            calls["inner"] += 1
+            raise OperationalError("SELECT", {}, psycopg.OperationalError("connection refused"))
+
+        @retrying
+        def outer(self):
+            calls["outer"] += 1
+            return self.inner()
+
+    store = Flaky(f"sqlite:///{tmp_path / 'primer.db'}", retry_seconds=1)
+    t = time.monotonic()
+    with pytest.raises(OperationalError):
+        store.outer()
+    assert calls["outer"] == calls["inner"] >= 2  # the outer call waits; the inner one does not wait again
+    assert time.monotonic() - t < 2
 
 
 # --- faults injected into a real service ------------------------------------------------------
@@ -334,7 +391,10 @@ def test_on_the_embedded_sqlite_broker_a_killed_workers_job_is_rescued_by_the_re
     with launched(env, tmp_path) as embedded:
         _, secret = embedded.store.create_key("solo")
         http = embedded.client(secret)
-        job_id = http.post("/jobs", json=spec("embedded-killed", steps=40)).json()["id"]
+        # Reptile with 20 inner steps: each outer step takes long enough that the poll below cannot
+        # miss the window between step 3 and the end (40 MAML steps on the tiny model once did)
+        slow = spec("embedded-killed", steps=30, methods=["reptile"], per_method={"reptile": {"inner_steps": 20}})
+        job_id = http.post("/jobs", json=slow).json()["id"]
         embedded.wait(http, job_id, until=("running",), check=lambda j: j["phase"] == "upstream" and j["step"] >= 3)
         embedded.kill(embedded.workers[-1])
         R.count("faults", "worker SIGKILLed mid-upstream on the embedded SQLite broker")

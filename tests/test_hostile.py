@@ -90,7 +90,8 @@ UPLOADS = [  # (what, files, what the refusal says)
     ("a JSON list as task.json", [(b"task.json", b"[1, 2, 3]")], "task.json"),
     ("a number as BIG-bench's preferred_score",
      [(b"task.json", b'{"examples": [{"input": "q", "target": "a"}], "preferred_score": 1}')],
-     "the bigbench file could not be read: a value has a type the format does not allow"),
+     "'preferred_score' must be the name of a BIG-bench metric (text, e.g. \"exact_str_match\" or "
+     "\"multiple_choice_grade\"), got int"),
     ("task.json nested 100000 deep", [(b"task.json", b"[" * 100_000 + b"]" * 100_000)], "nested too deeply"),
     ("a .jsonl line nested 100000 deep", [(b"r.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n")], "nested too deeply"),
     ("a line of 5 MB", [(b"r.jsonl", JSONL + json.dumps({"input": "x" * BIG, "output": "positive"}).encode())],

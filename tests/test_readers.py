@@ -192,6 +192,9 @@ def test_bigbench_errors_name_the_example(tmp_path):
         read_bigbench(bigbench_task(tmp_path, [{"input": "a", "target_scores": {"x": 0, "y": 0}}], name="tie"))
     with pytest.raises(TaskError, match=r"does not exist"):
         read_bigbench(tmp_path / "nowhere" / "task.json")
+    for score in (["exact_str_match"], 3, {"a": 1}):
+        with pytest.raises(TaskError, match=r"'preferred_score' must be the name of a BIG-bench metric"):
+            read_bigbench(bigbench_task(tmp_path, [{"input": "a", "target": "b"}], name="odd", preferred_score=score))
 
 
 def test_bigbench_drops_unusable_answers_with_a_warning(tmp_path):

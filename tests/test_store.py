@@ -165,6 +165,19 @@ def test_progress_sums_the_units_and_counts_a_done_unit_in_full(store, alice):
 
 
 # --- prompts, scores, results, checkpoints ------------------------------------------------------
+def test_event_ids_go_past_32_bits(store, alice):
+    job, _ = new_job(store, alice)
+    big = 2**31 + 10  # a long-lived service passes 2^31 events
+    with store.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT setval('events_id_seq', :v)"), {"v": big})
+        else:
+            conn.execute(Event.__table__.insert().values(id=big, job_id=job.id, kind="log", message="old"))
+    store.add_event(job.id, "after 2^31 events")
+    [event] = store.events(job.id, after=big)
+    assert event.id > big and event.message == "after 2^31 events"
+
+
 def test_a_prompt_round_trips_once_per_name_and_tampering_is_caught(store, alice):
     job = new_job(store, alice)[0]
     tensor = torch.randn(4, 8)

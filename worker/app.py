@@ -63,11 +63,11 @@ def transport(task: str, args: list, message_id: str) -> None:
     app.send_task(task, args=args, task_id=message_id, queue=ROUTES[task])
 
 
-def enqueue(job_id: str) -> None:
-    """Hand a new job to the workers (the API calls this after storing it)."""
+def enqueue(job_id: str, db=None) -> None:
+    """Hand a new job to the workers (the API calls this after storing it, with its own store)."""
     from core import jobs
 
-    jobs.send(store(), transport, job_id, "start", "primer.start", [job_id])
+    jobs.send(db or store(), transport, job_id, "start", "primer.start", [job_id])
 
 
 def broker_ping() -> None:

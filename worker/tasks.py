@@ -1,8 +1,10 @@
 """The tasks. Each runs one step of a job under a lease (core.store's dispatches): it takes the
 lease, beats while it works, and gives it up when the step is over. A copy of the message that
-arrives while a live worker holds the step finds the lease taken and does nothing; a step run
-again after its worker died resumes from its checkpoint or finds its result stored. Torch and
-the backbone load inside the worker's child process, never in the parent that forks it."""
+arrives while a live worker holds the step finds the lease taken and does nothing; a worker
+that was silent past its lease and finds at its next beat that the step is another's stops at
+its next training step (jobs.LeaseLost); a step run again after its worker died resumes from
+its checkpoint or finds its result stored. Torch and the backbone load inside the worker's
+child process, never in the parent that forks it."""
 from __future__ import annotations
 
 import logging
@@ -35,12 +37,15 @@ def _fail(job_id: str, error: Exception, code: str | None = None) -> None:
 @contextmanager
 def _beating(job_id: str, step: str, worker: str):
     stop = threading.Event()
+    jobs.lease_lost.clear()
 
     def beat():
         while not stop.wait(settings().heartbeat_seconds):
             try:
                 if not store().beat(job_id, step, worker):
-                    log.warning("%s %s: the lease is no longer this worker's", job_id, step)
+                    log.warning("%s %s: the lease is no longer this worker's; stopping at the next step", job_id, step)
+                    jobs.lease_lost.set()
+                    return
             except Exception:  # the store is away for a moment; the next beat may get through
                 log.warning("%s %s: heartbeat failed", job_id, step, exc_info=True)
 
@@ -70,6 +75,8 @@ def run_step(job_id: str, step: str, body) -> None:
             body()
         except jobs.Cancelled:
             pass
+        except jobs.LeaseLost:
+            return  # the step is the other worker's now, and so is its lease
         except Exception as e:
             if isinstance(e, DBAPIError) and transient(e):
                 raise  # the store stayed away too long: the lease lapses and the step is sent again

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 import uuid
 import weakref
@@ -73,16 +74,27 @@ def transient(e: DBAPIError) -> bool:
     return isinstance(e, OperationalError)
 
 
+_waiting = threading.local()  # inside a retrying store call on this thread
+
+
 def retrying(method):
     """Run a store method again while the database is away, for up to `retry_seconds`: a worker
     rides out a Postgres restart instead of failing an hours-long job. A write whose commit was
-    cut may run twice; every write here is an upsert, guarded by a unique key, or a log line."""
+    cut may run twice; every write here is an upsert, guarded by a unique key, or a log line.
+    A store method called by another one does not wait on its own: the outermost call waits,
+    so an outage is waited out for `retry_seconds` in all, not once per level."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
+        if getattr(_waiting, "active", False):
+            return method(self, *args, **kwargs)
         deadline, delay = time.monotonic() + self.retry_seconds, 0.2
         while True:
             try:
-                return method(self, *args, **kwargs)
+                _waiting.active = True
+                try:
+                    return method(self, *args, **kwargs)
+                finally:
+                    _waiting.active = False
             except DBAPIError as e:
                 if not transient(e) or time.monotonic() + delay > deadline:
                     raise

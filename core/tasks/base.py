@@ -54,6 +54,7 @@ class Task:
     examples: list[Example] = field(default_factory=list)  # the pool k-shot splits are drawn from
     test: list[Example] | None = None  # a given test split; else k-shot holds out 20% (CrossFit)
     splits: dict[int, Split] = field(default_factory=dict)  # ready-made splits (CrossFit TSV dirs)
+    notes: list[str] = field(default_factory=list)  # what the reader left out, and why (also warned)
 
     @property
     def name(self) -> str:

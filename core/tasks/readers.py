@@ -260,6 +260,9 @@ def read_bigbench(
             examples_json.append((i, ex))
 
     preferred = data.get("preferred_score")
+    if preferred is not None and not isinstance(preferred, str):
+        raise TaskError(f"{file}: 'preferred_score' must be the name of a BIG-bench metric (text, e.g. "
+                        f"\"exact_str_match\" or \"multiple_choice_grade\"), got {type(preferred).__name__}")
     if info is not None:
         multiple_choice = info.type in RANKED_TYPES
     elif preferred in BIGBENCH_MULTIPLE_CHOICE_METRICS:
@@ -292,13 +295,10 @@ def read_bigbench(
                 skipped.append(i)
                 continue
             examples.append(Example(input=text, outputs=outputs))
-    if skipped:
-        warnings.warn(
-            f"{file}: skipped {len(skipped)} example(s) whose answer is empty text,"
-            f" which cannot be trained on or scored: {skipped[:20]}",
-            ReaderWarning,
-            stacklevel=2,
-        )
+    notes = [f"{file}: skipped {len(skipped)} example(s) whose answer is empty text, which cannot be trained "
+             f"on or scored: {skipped[:20]}"] if skipped else []
+    for note in notes:
+        warnings.warn(note, ReaderWarning, stacklevel=2)
     if not examples:
         raise TaskError(f"{file}: no example has a non-empty answer")
 
@@ -308,7 +308,7 @@ def read_bigbench(
             type="multiple_choice" if multiple_choice else "generation",
             metric=bigbench_metric(preferred, multiple_choice),
         )
-    return Task(info=info, examples=examples)
+    return Task(info=info, examples=examples, notes=notes)
 
 
 def _text(value: Any, file: Path, i: int, field: str) -> str:
