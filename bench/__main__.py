@@ -6,6 +6,8 @@ no figure's peak memory depends on what ran before it.
 
   python -m bench                         # SmolLM2-135M, real task data, every model-side figure
   python -m bench --parts meta --repeats 5
+  python -m bench --dtype bf16            # both sides in bfloat16 (fast on CPUs with AVX512-BF16/AMX)
+  python -m bench --dtype bf16 --reference-dtype fp32   # primer in bf16, the others as their authors run them
   python -m bench --parts api             # the service: requests/s and latency, queueing delay
   python -m bench --smoke --backbone DIR  # CI: every code path once at tiny size, nothing timed
 """
@@ -29,6 +31,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parts", default="meta,pt,eval", help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--algorithms", default="maml,fomaml,reptile")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="the backbone's weights and activations, on both sides of every pair")
+    p.add_argument("--reference-dtype", choices=("fp32", "bf16"),
+                   help="the reference implementations' precision, if not --dtype (primer in bf16 against "
+                        "the paper's loop and PEFT as their authors run them, in fp32)")
     p.add_argument("--prompt-length", type=int, default=20)
     p.add_argument("--max-input-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="prompt tuning's batch")
@@ -76,9 +83,14 @@ def setup(args):
     from core.tasks.base import Split
 
     torch.manual_seed(0)
-    backbone = backbones.freeze(backbones.load(args.backbone, device=args.device))
+    backbone = backbones.freeze(backbones.load(args.backbone, device=args.device, dtype=backbones.DTYPES[args.dtype]))
     model = SoftPromptModel(backbone, init_prompt(backbone, args.prompt_length, "vocab", seed=0),
                             max_input_tokens=args.max_input_tokens)
+    theirs = args.reference_dtype or args.dtype
+    other = None
+    if theirs != args.dtype:  # a second copy of the backbone, the same prompt
+        other = SoftPromptModel(backbones.freeze(backbones.load(args.backbone, device=args.device, dtype=backbones.DTYPES[theirs])),
+                                model.prompt.detach(), max_input_tokens=args.max_input_tokens)
     if args.smoke:
         sources = {f"synthetic{i}": [Split(synthetic(16, i), synthetic(16, i + 10), [], 100, 8)] for i in range(3)}
         target = Split(synthetic(32, 7), [], synthetic(16, 8), 100, 16)
@@ -95,7 +107,7 @@ def setup(args):
                  warmup=0 if args.smoke else args.warmup, repeats=one or args.repeats,
                  meta_steps=one or args.meta_steps, pt_steps=2 if args.smoke else args.pt_steps,
                  batch_size=args.batch_size, inner_lr=args.inner_lr, eval_examples=args.eval_examples,
-                 smoke=args.smoke, profile=args.profile)
+                 smoke=args.smoke, profile=args.profile, other=other, dtypes=(args.dtype, theirs))
 
 
 def _ref(name: str):
@@ -108,7 +120,8 @@ def machine(args) -> dict:
     import torch
 
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": args.device, "backbone": args.backbone}
+            "threads": torch.get_num_threads(), "device": args.device, "backbone": args.backbone, "dtype": args.dtype,
+            "reference_dtype": args.reference_dtype or args.dtype}
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -134,6 +147,7 @@ def table(lines: list[dict]) -> str:
             if impl != "primer" and rate and primer.get(key):
                 ratio = f"{primer[key] / rate:.2f}×"
             unit = key.replace("_per_s", "/s") if key else ""
+            impl = f"{impl} ({line['dtype']})" if "dtype" in line else impl
             rows.append(f"| {figure} | {impl} | {rate if rate is not None else '—'} {unit} | "
                         f"{line.get('peak_mb') if line.get('peak_mb') is not None else '—'} | {check} | {ratio} |")
     return "\n".join(rows)
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             for algorithm in args.algorithms.split(","):
                 figures.meta(s, algorithm, emit)
         if {"pt", "eval"} & set(parts):
-            peft = reference.Peft(s.model, s.model.prompt.detach(), s.static_length)
+            peft = reference.Peft(s.ref, s.model.prompt.detach(), s.static_length)
             if "pt" in parts:
                 figures.pt(s, peft, emit)
             if "eval" in parts:

@@ -18,6 +18,11 @@ from core.backbones.soft_prompt import SoftPromptModel
 from core.tasks.base import Example, Split
 
 
+# How far the two sides of a pair may differ: float32 rounding, or bfloat16's 8-bit mantissa
+# (2^-8 = 0.4 % per value, compounded over 30 layers and summed differently on each side).
+TOLERANCE = {"fp32": {"grad": 1e-3, "loss": 1e-4}, "bf16": {"grad": 0.1, "loss": 0.02}}
+
+
 @dataclass
 class Setup:
     model: SoftPromptModel
@@ -35,6 +40,16 @@ class Setup:
     eval_examples: int
     smoke: bool  # run everything once, time nothing
     profile: bool = False  # after timing, run each implementation once more under torch.profiler
+    other: SoftPromptModel | None = None  # the reference implementations' backbone, if in another precision
+    dtypes: tuple[str, str] = ("fp32", "fp32")  # primer's, the reference implementations'
+
+    @property
+    def ref(self) -> SoftPromptModel:
+        return self.other or self.model
+
+    def tol(self, what: str) -> float:
+        """How far the pair may differ ("grad", "loss"): bf16's rounding if either side is bf16."""
+        return TOLERANCE["bf16" if "bf16" in self.dtypes else "fp32"][what]
 
 
 Emit = Callable[[dict], None]
@@ -66,10 +81,11 @@ def profile(work: Callable[[], int], device: torch.device, name: str, rows: int 
     print(f"\n### profile: {name}\n" + prof.key_averages().table(sort_by=key, row_limit=rows), file=sys.stderr)
 
 
-def _line(figure: str, impl: str, t: Timing | None, unit: str, **extra) -> dict:
+def _line(s: Setup, figure: str, impl: str, t: Timing | None, unit: str, **extra) -> dict:
     timing = {unit: round(t.per_second, 3), "peak_mb": round(t.peak_mb, 1), "items": t.items,
               "seconds": [round(x, 3) for x in t.seconds]} if t else {unit: None, "peak_mb": None}
-    return {"figure": figure, "impl": impl, **timing, **extra}
+    dtype = s.dtypes[0 if impl == "primer" else 1]
+    return {"figure": figure, "impl": impl, **timing, "dtype": dtype, **extra}
 
 
 def meta(s: Setup, algorithm: str, emit: Emit) -> None:
@@ -81,7 +97,7 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     support = cfg.inner_batch_size * (cfg.inner_steps if algo.support_per_inner_step else 1)
     query = cfg.inner_batch_size if algo.uses_query else 0
     episodes = TaskEpisodes(s.sources, cfg.seed)
-    loss = reference.PaperLoss(s.model, s.static_length)
+    loss = reference.PaperLoss(s.ref, s.static_length)
     init = s.model.prompt.detach().clone()
 
     def ref_grad(prompt, ep):
@@ -94,7 +110,7 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     ours, _ = algo.grad(s.model, init, ep, cfg.inner_lr, cfg.inner_steps)
     theirs, _ = ref_grad(init, ep)
     diff = _relative(ours, theirs)
-    if not diff < 1e-3:
+    if not diff < s.tol("grad"):
         raise AssertionError(f"{algorithm}: primer's meta-gradient differs from the reference's by {diff:.2e} (relative)")
 
     def primer_run() -> int:
@@ -114,8 +130,8 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
         return cfg.steps * cfg.meta_batch
 
     check = {"grad_relative_diff": float(f"{diff:.3g}")}
-    emit(_line(f"meta/{algorithm}", "primer", _timed(s, primer_run, f"meta/{algorithm} primer"), "episodes_per_s", **check))
-    emit(_line(f"meta/{algorithm}", "paper-loop+higher", _timed(s, reference_run, f"meta/{algorithm} reference"), "episodes_per_s", **check))
+    emit(_line(s, f"meta/{algorithm}", "primer", _timed(s, primer_run, f"meta/{algorithm} primer"), "episodes_per_s", **check))
+    emit(_line(s, f"meta/{algorithm}", "paper-loop+higher", _timed(s, reference_run, f"meta/{algorithm} reference"), "episodes_per_s", **check))
 
 
 def _batches(s: Setup) -> list[list[Example]]:
@@ -132,7 +148,7 @@ def pt(s: Setup, peft: reference.Peft, emit: Emit) -> None:
         peft.prompt.copy_(init)
     ours, theirs = s.model.loss(batches[0]).item(), peft.loss(peft.batch(batches[0])).item()
     diff = abs(ours - theirs) / abs(theirs)
-    if not diff < 1e-4:
+    if not diff < s.tol("loss"):
         raise AssertionError(f"prompt tuning: primer's loss {ours} differs from PEFT's {theirs}")
 
     def run(params: list[torch.nn.Parameter], loss: Callable[[list[Example]], torch.Tensor]) -> int:
@@ -148,8 +164,8 @@ def pt(s: Setup, peft: reference.Peft, emit: Emit) -> None:
 
     peft_batches = {id(b): peft.batch(b) for b in batches}  # tokenized up front, as a DataLoader would
     check = {"loss_relative_diff": float(f"{diff:.3g}")}
-    emit(_line("pt", "primer", _timed(s, lambda: run([s.model.prompt], s.model.loss), "pt primer"), "steps_per_s", **check))
-    emit(_line("pt", "peft", _timed(s, lambda: run([peft.prompt], lambda b: peft.loss(peft_batches[id(b)])), "pt peft"),
+    emit(_line(s, "pt", "primer", _timed(s, lambda: run([s.model.prompt], s.model.loss), "pt primer"), "steps_per_s", **check))
+    emit(_line(s, "pt", "peft", _timed(s, lambda: run([peft.prompt], lambda b: peft.loss(peft_batches[id(b)])), "pt peft"),
                "steps_per_s", **check))
     with torch.no_grad():
         s.model.prompt.copy_(init)
@@ -197,5 +213,5 @@ def evaluation(s: Setup, peft: reference.Peft, emit: Emit) -> None:
         # the left padding of `generate` between the virtual tokens and the input, which moves
         # the input's positions relative to the prompt in every padded row.
         work(1)
-        emit(_line("eval", impl, t, "examples_per_s", accuracy=batched, accuracy_one_by_one=accuracy(impl.split("+")[0]),
+        emit(_line(s, "eval", impl, t, "examples_per_s", accuracy=batched, accuracy_one_by_one=accuracy(impl.split("+")[0]),
                    examples=len(examples), prompt_tuning_steps=2 if s.smoke else 30))

@@ -58,7 +58,8 @@ class PaperLoss:
     def __call__(self, examples: list[Example], prompt: torch.Tensor) -> torch.Tensor:
         ids, mask, labels = self.tensors(examples)
         B, P = ids.shape[0], prompt.shape[0]
-        embeds = torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), self.model.backbone.embed(ids)], dim=1)
+        tokens = self.model.backbone.embed(ids)  # a bf16 model takes its prompt in bf16, as the paper's wrapper would
+        embeds = torch.cat([prompt.to(tokens.dtype).unsqueeze(0).expand(B, -1, -1), tokens], dim=1)
         full_mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
         full_labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
         return self.model.backbone.model(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels,

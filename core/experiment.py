@@ -198,7 +198,7 @@ def prepare(spec: JobSpec, emit: Progress) -> Prepared:
             infos[ref.name] = source.info
 
     emit({"phase": "load", "step": 0, "total": 1, "backbone": spec.backbone})
-    backbone = backbones.load(spec.backbone, device=settings().torch_device())
+    backbone = backbones.load(spec.backbone, device=settings().torch_device(), dtype=backbones.DTYPES[spec.precision])
     p = spec.prompt
     init = init_prompt(backbone, p.length, p.init, p.seed, text=p.text or "", path=p.path or "")
     model = SoftPromptModel(backbone, init, max_input_tokens=spec.max_input_tokens,

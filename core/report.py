@@ -147,7 +147,10 @@ def sweep_plot(sweep, path: Path) -> Path:
     for method, args in sweep.table().items():
         ax.plot(xs, args, marker="o", label=method)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xlabel(sweep.spec.sweep.field + ("" if numeric else " (size)"))
+    lists = any(isinstance(v, list) for v in values)
+    if not numeric and not lists:  # named values (a clustering method, an optimizer): one tick each
+        ax.set_xticks(xs, [str(v) for v in values])
+    ax.set_xlabel(sweep.spec.sweep.field + (" (size)" if lists else ""))
     ax.set_ylabel("ARG over PT (%)")
     return _save(fig, ax, path)
 

@@ -294,6 +294,8 @@ class JobSpec(Strict):
     downstream: DownstreamSpec = Field(default_factory=DownstreamSpec)
     max_input_tokens: Whole(8, MAX_TOKENS) = 256
     max_answer_tokens: Whole(1, MAX_TOKENS) = 32
+    # the frozen backbone's weights and activations; the prompt and the optimizer stay float32
+    precision: Literal["fp32", "bf16"] = "fp32"
     sweep: SweepSpec | None = None
 
     @field_validator("targets", mode="before")

@@ -1,11 +1,13 @@
 """When does sharing the prompt's KV cache pay? Seconds for a prompt-tuning loss and its
 backward, and for a MAML meta-gradient, at several batch sizes, with the prompt's cache shared
 by the batch against the prompt concatenated in front of every row (interleaved, median of 3
-after 1 warm-up). SmolLM2-135M, prompt 20, sms_spam's k-shot split (seed 100).
+after 1 warm-up). SmolLM2-135M (fp32, or bf16 if asked), prompt 20, sms_spam's k-shot split (seed 100).
 
   .venv/bin/python scripts/prompt_cache.py
+  .venv/bin/python scripts/prompt_cache.py bf16
 """
 import statistics
+import sys
 import time
 
 import torch
@@ -19,7 +21,8 @@ from core.spec import TaskRef
 from core.tasks import get_split, load_task
 
 torch.manual_seed(0)
-backbone = backbones.freeze(backbones.load("smollm2-135m"))
+dtype = backbones.DTYPES[sys.argv[1] if len(sys.argv) > 1 else "fp32"]
+backbone = backbones.freeze(backbones.load("smollm2-135m", dtype=dtype))
 model = SoftPromptModel(backbone, init_prompt(backbone, 20, "vocab", seed=0), max_input_tokens=64)
 split = get_split(load_task(TaskRef(name="sms_spam")), 100)
 
@@ -40,7 +43,7 @@ for label, make, rows in [("PT loss + backward", pt, 2), ("PT loss + backward", 
     work, seconds = make(rows), {1: [], 10**9: []}
     for _ in range(4):
         for threshold in seconds:
-            model.PROMPT_CACHE_ROWS = threshold
+            model.PROMPT_CACHE_ROWS = model.PROMPT_CACHE_ROWS_BF16 = threshold
             start = time.perf_counter()
             work()
             seconds[threshold].append(time.perf_counter() - start)

@@ -25,7 +25,32 @@ def test_the_smoke_run_checks_every_pair_and_times_nothing(tiny_dir, capsys):
         assert line["p99_ms"] is None and line["requests_per_s"] is None
     delay = lines[("queueing delay", "primer")]
     assert delay["jobs"] == 1 and delay["to_first_step_s"] is None
-    assert "| meta/maml | paper-loop+higher |" in err  # the table
+    assert "| meta/maml | paper-loop+higher (fp32) |" in err  # the table
+
+
+def test_the_smoke_run_in_bf16_puts_both_sides_in_bf16_and_checks_them_within_its_rounding(tiny_dir, capsys):
+    from bench.figures import TOLERANCE
+
+    assert main(["--smoke", "--backbone", str(tiny_dir["causal"]), "--parts", "meta,pt,eval", "--dtype", "bf16",
+                 "--one-process"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["figure"] == "machine" and lines[0]["dtype"] == "bf16"
+    grads = [d["grad_relative_diff"] for d in lines if d["figure"].startswith("meta/")]
+    assert len(grads) == 6 and all(0 < g < TOLERANCE["bf16"]["grad"] for g in grads)  # rounded, not identical
+    assert [d["impl"] for d in lines if d["figure"] == "eval"] == ["primer", "peft+generate"]
+    assert {d["dtype"] for d in lines[1:]} == {"bf16"}
+
+
+def test_the_reference_implementations_can_run_in_another_precision(tiny_dir, capsys):
+    assert main(["--smoke", "--backbone", str(tiny_dir["causal"]), "--parts", "meta,pt", "--algorithms", "fomaml",
+                 "--dtype", "bf16", "--reference-dtype", "fp32", "--one-process"]) == 0
+    out, err = capsys.readouterr()
+    lines = {(d["figure"], d["impl"]): d for d in map(json.loads, out.splitlines())}
+    assert lines[("machine", "-")]["reference_dtype"] == "fp32"
+    assert lines[("meta/fomaml", "primer")]["dtype"] == "bf16" and lines[("meta/fomaml", "paper-loop+higher")]["dtype"] == "fp32"
+    assert lines[("pt", "primer")]["dtype"] == "bf16" and lines[("pt", "peft")]["dtype"] == "fp32"
+    assert 0 < lines[("meta/fomaml", "primer")]["grad_relative_diff"] < 0.1  # bf16 against fp32: rounding only
+    assert "| pt | peft (fp32) |" in err and "| pt | primer (bf16) |" in err
 
 
 def test_an_unknown_part_is_named_with_the_accepted_ones(capsys):

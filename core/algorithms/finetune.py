@@ -18,7 +18,9 @@ from core.tasks.base import Split, Task
 
 def finetune(backbone: Backbone, task: Task, lrs: list[float], splits: list[Split], cfg: TrainConfig,
              progress: Progress | None = None, **model_options) -> TaskResult:
-    weights = copy.deepcopy(backbone.model)  # eval mode stays: no dropout, as for the prompt methods
+    # eval mode stays: no dropout, as for the prompt methods. The copy trains in float32 whatever
+    # the backbone's precision: in bfloat16, AdamW's updates at 1e-5 would round away.
+    weights = copy.deepcopy(backbone.model).float()
     weights.requires_grad_(True)
     own = Backbone(backbone.name, weights, backbone.tokenizer, backbone.kind)
     model = SoftPromptModel(own, torch.empty(0, backbone.dim), allow_empty=True, **model_options)

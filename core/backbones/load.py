@@ -36,6 +36,9 @@ class Backbone:
         return self.model.get_input_embeddings()(ids)
 
 
+# A spec's `precision` -> the backbone's dtype.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 _HUB_ID = re.compile(r"^(hf:)?[\w.-]+/[\w.-]+$|^hf:[\w.-]+$")
 
 

@@ -118,8 +118,11 @@ class SoftPromptModel(nn.Module):
     # A shared prompt's KV cache pays off from this many rows on. SmolLM2-135M on 2 CPU cores,
     # prompt 20: a loss and its backward ran 0.93x as fast as with the prompt concatenated at
     # 2 rows, 1.09x at 4, 1.25x at 8; a MAML meta-gradient 0.90x at 2 rows, 1.06x at 4
-    # (scripts/prompt_cache.py; docs/performance.md).
+    # (scripts/prompt_cache.py; docs/performance.md). In bf16 the matrix multiplies it saves are
+    # cheaper and its own pass is not: 0.94x at 4 rows, 1.07x at 8 for the loss, 0.97x at 4 for
+    # MAML (scripts/prompt_cache.py bf16), so a bf16 backbone shares it from 8 rows on.
     PROMPT_CACHE_ROWS = 4
+    PROMPT_CACHE_ROWS_BF16 = 8
 
     def _after_prompt(self, batch: Batch, prompt: torch.Tensor | None, use_cache: bool):
         """Causal LMs: the backbone over [prompt; tokens] of every row. Returns the output, the
@@ -134,7 +137,8 @@ class SoftPromptModel(nn.Module):
         base, B = self.backbone.model.base_model, batch.ids.shape[0]
         p = self.prompt if prompt is None else prompt
         P = p.shape[-2]
-        if p.dim() == 3 or P == 0 or B < self.PROMPT_CACHE_ROWS:
+        bf16 = self.backbone.model.get_input_embeddings().weight.dtype == torch.bfloat16
+        if p.dim() == 3 or P == 0 or B < (self.PROMPT_CACHE_ROWS_BF16 if bf16 else self.PROMPT_CACHE_ROWS):
             embeds, mask, P = self._with_prompt(batch, prompt)
             out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                        use_cache=use_cache)
