@@ -147,7 +147,8 @@ def upstream_config(spec: JobSpec, method: str) -> UpstreamConfig:
     cfg = UpstreamConfig(algorithm=method, steps=u.steps, inner_batch_size=u.inner_batch_size,
                          inner_steps=u.inner_steps, meta_batch=u.meta_batch, inner_lr=u.inner_lr,
                          outer_lr=u.outer_lr, optimizer=u.optimizer, weight_decay=u.weight_decay,
-                         grad_clip=u.grad_clip, seed=spec.prompt.seed, checkpoint_every=u.checkpoint_every)
+                         grad_clip=u.grad_clip, seed=spec.prompt.seed if u.episode_seed is None else u.episode_seed,
+                         checkpoint_every=u.checkpoint_every)
     own = u.per_method.get(method)
     return dataclasses.replace(cfg, **own.model_dump(exclude_none=True)) if own else cfg
 

@@ -213,6 +213,9 @@ class UpstreamSpec(Strict):
     seeds: list[Seed] = Field(default_factory=lambda: list(SPLIT_SEEDS), min_length=1, max_length=MAX_ITEMS)
     shots: Shots = None  # source examples per label, as downstream.shots
     steps: Steps = 5000  # outer steps
+    # which episodes (or mixed batches) are drawn, in what order; None: prompt.seed. Sweep it to see
+    # how much a method's result depends on its upstream run, with the prompt's start held fixed.
+    episode_seed: Seed | None = None
     inner_lr: LearningRate = 3e-5
     outer_lr: LearningRate = 0.5
     optimizer: Literal[OPTIMIZERS] = "adafactor"  # type: ignore[valid-type]

@@ -242,6 +242,23 @@ def test_per_method_options_override_the_shared_upstream_settings(spec_fields):
         parse_spec(spec_fields)
 
 
+def test_the_episode_seed_draws_other_episodes_and_changes_nothing_else(spec_fields):
+    """upstream.episode_seed: unset it is prompt.seed; another value gives another upstream run
+    (other episodes, other mixed batches) from the same start, and leaves PT alone."""
+    spec_fields["upstream"].update(methods=["maml", "mtl"], steps=3)
+    default = run(parse_spec(spec_fields))
+    spec_fields["upstream"]["episode_seed"] = 0  # prompt.seed's default
+    same = run(parse_spec(spec_fields))
+    spec_fields["upstream"]["episode_seed"] = 7
+    other = run(parse_spec(spec_fields))
+    for m in ("maml", "mtl"):
+        assert torch.equal(default.prompts[f"init/{m}"], same.prompts[f"init/{m}"])
+        assert not torch.allclose(default.prompts[f"init/{m}"], other.prompts[f"init/{m}"])
+    assert default.upstream["maml"].curve != other.upstream["maml"].curve
+    for task in ("color", "greet"):
+        assert [r.test for r in default.tasks[task]["pt"].runs] == [r.test for r in other.tasks[task]["pt"].runs]
+
+
 def test_sources_can_be_selected_by_prompt_similarity(spec_fields, tmp_path):
     candidates = spec_fields["upstream"]["sources"]
     spec_fields["upstream"].update(methods=["fomaml"], sources={
