@@ -8,6 +8,7 @@ no figure's peak memory depends on what ran before it.
   python -m bench --parts meta --repeats 5
   python -m bench --dtype bf16            # both sides in bfloat16 (fast on CPUs with AVX512-BF16/AMX)
   python -m bench --dtype bf16 --reference-dtype fp32   # primer in bf16, the others as their authors run them
+  python -m bench --parts meta --batch-episodes   # primer's meta-batch in one forward pass
   python -m bench --parts api             # the service: requests/s and latency, queueing delay
   python -m bench --smoke --backbone DIR  # CI: every code path once at tiny size, nothing timed
 """
@@ -40,6 +41,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-input-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="prompt tuning's batch")
     p.add_argument("--inner-lr", type=float, default=3e-5)
+    p.add_argument("--batch-episodes", action="store_true",
+                   help="primer runs each meta-batch's episodes in one forward (upstream.batch_episodes)")
     p.add_argument("--meta-steps", type=int, default=3, help="outer steps per repeat")
     p.add_argument("--pt-steps", type=int, default=10, help="prompt-tuning steps per repeat")
     p.add_argument("--eval-examples", type=int, default=128)
@@ -107,7 +110,8 @@ def setup(args):
                  warmup=0 if args.smoke else args.warmup, repeats=one or args.repeats,
                  meta_steps=one or args.meta_steps, pt_steps=2 if args.smoke else args.pt_steps,
                  batch_size=args.batch_size, inner_lr=args.inner_lr, eval_examples=args.eval_examples,
-                 smoke=args.smoke, profile=args.profile, other=other, dtypes=(args.dtype, theirs))
+                 smoke=args.smoke, profile=args.profile, other=other, dtypes=(args.dtype, theirs),
+                 batch_episodes=args.batch_episodes)
 
 
 def _ref(name: str):
@@ -121,7 +125,7 @@ def machine(args) -> dict:
 
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": args.device, "backbone": args.backbone, "dtype": args.dtype,
-            "reference_dtype": args.reference_dtype or args.dtype}
+            "reference_dtype": args.reference_dtype or args.dtype, "batch_episodes": args.batch_episodes}
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -42,6 +42,7 @@ class Setup:
     profile: bool = False  # after timing, run each implementation once more under torch.profiler
     other: SoftPromptModel | None = None  # the reference implementations' backbone, if in another precision
     dtypes: tuple[str, str] = ("fp32", "fp32")  # primer's, the reference implementations'
+    batch_episodes: bool = False  # primer's meta-batch in one forward
 
     @property
     def ref(self) -> SoftPromptModel:
@@ -93,7 +94,7 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     against the paper's loop on the same episodes, after checking one meta-gradient."""
     algo = ALGORITHMS[algorithm]
     cfg = UpstreamConfig(algorithm=algorithm, steps=s.meta_steps, inner_lr=s.inner_lr, outer_lr=0.5,
-                         optimizer="adafactor").resolved()
+                         optimizer="adafactor", batch_episodes=s.batch_episodes).resolved()
     support = cfg.inner_batch_size * (cfg.inner_steps if algo.support_per_inner_step else 1)
     query = cfg.inner_batch_size if algo.uses_query else 0
     episodes = TaskEpisodes(s.sources, cfg.seed)
@@ -106,9 +107,11 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
         return reference.maml_grad(loss, prompt, ep.support, ep.query, cfg.inner_lr, cfg.inner_steps,
                                    first_order=algorithm == "fomaml")
 
-    ep = episodes.episode(0, support, query)
-    ours, _ = algo.grad(s.model, init, ep, cfg.inner_lr, cfg.inner_steps)
-    theirs, _ = ref_grad(init, ep)
+    # the first meta-batch, as primer's loop runs it (one episode at a time, or all in one forward)
+    drawn = [episodes.episode(j, support, query) for j in range(cfg.meta_batch)]
+    ours = sum(algo.grad(s.model, init, group, cfg.inner_lr, cfg.inner_steps)[0]
+               for group in ([drawn] if cfg.batch_episodes else [[e] for e in drawn]))
+    theirs = sum(ref_grad(init, ep)[0] for ep in drawn)
     diff = _relative(ours, theirs)
     if not diff < s.tol("grad"):
         raise AssertionError(f"{algorithm}: primer's meta-gradient differs from the reference's by {diff:.2e} (relative)")
@@ -130,7 +133,8 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
         return cfg.steps * cfg.meta_batch
 
     check = {"grad_relative_diff": float(f"{diff:.3g}")}
-    emit(_line(s, f"meta/{algorithm}", "primer", _timed(s, primer_run, f"meta/{algorithm} primer"), "episodes_per_s", **check))
+    emit(_line(s, f"meta/{algorithm}", "primer", _timed(s, primer_run, f"meta/{algorithm} primer"), "episodes_per_s",
+               **check, episodes="batched" if cfg.batch_episodes else "one at a time"))
     emit(_line(s, f"meta/{algorithm}", "paper-loop+higher", _timed(s, reference_run, f"meta/{algorithm} reference"), "episodes_per_s", **check))
 
 

@@ -226,6 +226,9 @@ class UpstreamSpec(Strict):
     inner_steps: Steps | None = None
     meta_batch: Batch | None = None
     checkpoint_every: Whole(0, MAX_STEPS) = 50
+    # the meta-batch's episodes through the backbone together, one prompt copy each: the same
+    # meta-gradient (up to float rounding) from fewer, larger forward passes; false: one at a time
+    batch_episodes: bool = False
     per_method: dict[str, MethodOptions] = Field(default_factory=dict)  # e.g. {reptile: {inner_steps: 3}}
     clustering: ClusteringSpec = Field(default_factory=ClusteringSpec)  # for the metapt and ppt methods
 

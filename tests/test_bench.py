@@ -53,6 +53,16 @@ def test_the_reference_implementations_can_run_in_another_precision(tiny_dir, ca
     assert "| pt | peft (fp32) |" in err and "| pt | primer (bf16) |" in err
 
 
+def test_batched_episodes_are_checked_against_the_paper_loop_one_episode_at_a_time(tiny_dir, capsys):
+    assert main(["--smoke", "--backbone", str(tiny_dir["causal"]), "--parts", "meta", "--batch-episodes",
+                 "--one-process"]) == 0
+    lines = {(d["figure"], d["impl"]): d for d in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert lines[("machine", "-")]["batch_episodes"] is True
+    for algorithm in ("maml", "fomaml", "reptile"):
+        ours = lines[(f"meta/{algorithm}", "primer")]
+        assert ours["episodes"] == "batched" and ours["grad_relative_diff"] < 1e-3
+
+
 def test_an_unknown_part_is_named_with_the_accepted_ones(capsys):
     import pytest
 

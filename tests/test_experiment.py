@@ -259,6 +259,25 @@ def test_the_episode_seed_draws_other_episodes_and_changes_nothing_else(spec_fie
         assert [r.test for r in default.tasks[task]["pt"].runs] == [r.test for r in other.tasks[task]["pt"].runs]
 
 
+def test_batched_episodes_learn_the_prompt_that_one_at_a_time_does(spec_fields):
+    spec_fields["upstream"].update(methods=["maml", "fomaml", "reptile"], steps=3)
+    spec_fields["downstream"]["max_steps"] = 2
+    alone = run(parse_spec(spec_fields))
+    spec_fields["upstream"]["batch_episodes"] = True
+    batched = run(parse_spec(spec_fields))
+    from core.experiment import upstream_config
+
+    assert upstream_config(parse_spec(spec_fields), "maml").batch_episodes
+    for m in ("maml", "fomaml", "reptile"):
+        first, again = alone.upstream[m].curve[0]["loss"], batched.upstream[m].curve[0]["loss"]
+        assert again == pytest.approx(first, rel=1e-5)  # the same episodes, the same losses
+        a, b = alone.prompts[f"init/{m}"], batched.prompts[f"init/{m}"]
+        # float rounding, which AdamW's first steps (about lr x sign(gradient)) enlarge where a
+        # gradient is near zero
+        assert (a - b).norm() <= 1e-2 * a.norm(), m
+    assert not torch.equal(alone.prompts["init/maml"], alone.prompts["init/reptile"])  # they did train
+
+
 def test_sources_can_be_selected_by_prompt_similarity(spec_fields, tmp_path):
     candidates = spec_fields["upstream"]["sources"]
     spec_fields["upstream"].update(methods=["fomaml"], sources={

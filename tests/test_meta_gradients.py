@@ -48,15 +48,15 @@ def test_maml_and_fomaml_meta_gradients_equal_higher(tiny_backbone, inner_lr, in
     model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 4, "random", seed=1))
     prompt = model.prompt.detach()
     for ours, first_order in ((maml_grad, False), (fomaml_grad, True)):
-        got, _ = ours(model, prompt, EPISODE, inner_lr, inner_steps)
+        got, _ = ours(model, prompt, [EPISODE], inner_lr, inner_steps)
         expected = higher_meta_grad(model, prompt, EPISODE, inner_lr, inner_steps, first_order)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_the_second_order_term_is_really_there(tiny_backbone):
     model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 4, "random", seed=1))
-    second, _ = maml_grad(model, model.prompt.detach(), EPISODE, 0.5, 1)
-    first, _ = fomaml_grad(model, model.prompt.detach(), EPISODE, 0.5, 1)
+    second, _ = maml_grad(model, model.prompt.detach(), [EPISODE], 0.5, 1)
+    first, _ = fomaml_grad(model, model.prompt.detach(), [EPISODE], 0.5, 1)
     assert (second - first).norm() > 1e-3 * first.norm()  # else the equality test above proves little
 
 
@@ -64,8 +64,8 @@ def test_second_order_runs_through_sdpa_attention_on_cpu(tiny_dir):
     eager = load(str(tiny_dir["causal"]), attn="eager")
     sdpa = load(str(tiny_dir["causal"]), attn="sdpa")
     prompt = init_prompt(eager, 4, "random", seed=2)
-    g_eager, _ = maml_grad(SoftPromptModel(eager, prompt), prompt, EPISODE, 0.5, 1)
-    g_sdpa, _ = maml_grad(SoftPromptModel(sdpa, prompt), prompt, EPISODE, 0.5, 1)
+    g_eager, _ = maml_grad(SoftPromptModel(eager, prompt), prompt, [EPISODE], 0.5, 1)
+    g_sdpa, _ = maml_grad(SoftPromptModel(sdpa, prompt), prompt, [EPISODE], 0.5, 1)
     # Two attention kernels differ by float rounding only (the tiny model's large weights amplify it).
     assert (g_sdpa - g_eager).norm() <= 1e-4 * g_eager.norm()
 
@@ -77,11 +77,35 @@ class Quadratic:
         targets = torch.tensor([float(e.input) for e in batch])
         return ((prompt.sum() - targets) ** 2).mean()
 
+    def group_losses(self, groups, prompts):
+        return torch.stack([self.loss(g, p) for g, p in zip(groups, prompts)])
+
 
 def test_reptile_pseudo_gradient_by_hand():
     # p = 1, lr = 0.25. Step 1 on target 3: grad 2(1-3) = -4, p' = 2.
     # Step 2 on target 5: grad 2(2-5) = -6, p'' = 3.5. Pseudo-gradient (1 - 3.5) / 0.25 = -10.
     episode = Episode("q", 100, support=[Example("3", ("",)), Example("5", ("",))], query=[])
-    grad, last_loss = reptile_grad(Quadratic(), torch.tensor([1.0]), episode, inner_lr=0.25, inner_steps=2)
-    assert grad.tolist() == [-10.0]
+    grad, (last_loss,) = reptile_grad(Quadratic(), torch.tensor([[1.0]]), [episode], inner_lr=0.25, inner_steps=2)
+    assert grad.tolist() == [[-10.0]]
     assert last_loss == 9.0  # (2 - 5)^2, the loss of the second inner step
+
+
+OTHER = Episode("tiny", 13,
+                support=[Example("a dull, long and joyless story about nothing", ("negative",)),
+                         Example("loved it", ("positive",))],
+                query=[Example("brilliant", ("positive",)), Example("the worst film of the whole year so far", ("negative",))])
+
+
+@pytest.mark.parametrize("algorithm", [maml_grad, fomaml_grad, reptile_grad])
+def test_episodes_batched_in_one_forward_give_the_sum_of_their_own_gradients(tiny_backbone, algorithm):
+    """Two episodes of different lengths (so rows are padded) side by side, one prompt copy each:
+    the summed gradient and each episode's loss are those of the episodes one at a time."""
+    model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 4, "random", seed=1))
+    prompt = model.prompt.detach()
+    alone = [algorithm(model, prompt, [e], 0.5, 2) for e in (EPISODE, OTHER)]
+    together, losses = algorithm(model, prompt, [EPISODE, OTHER], 0.5, 2)
+    summed = alone[0][0] + alone[1][0]
+    # float rounding only: other matrix shapes (the tiny model's large weights amplify it)
+    assert (together - summed).norm() <= 1e-4 * summed.norm()
+    assert losses == pytest.approx([alone[0][1][0], alone[1][1][0]], rel=1e-5)
+    assert (alone[0][0] - alone[1][0]).norm() > 0.1 * alone[0][0].norm()  # the two really differ

@@ -4,6 +4,11 @@ The inner loop runs SGD directly on the prompt tensor through torch.autograd: th
 backbone is only ever called with a prompt argument, so it never needs functionalizing (which
 `higher` cannot do for transformers-5 Llama models). Second order keeps the graph of the inner
 update (create_graph=True) and differentiates the query loss through it.
+
+Each function takes a list of episodes and adapts one copy of the prompt per episode. With one
+episode that is the paper's loop; with several, every episode's support (then query) batch goes
+through the backbone in one forward, each row under its own episode's prompt copy. The losses
+are summed across episodes, so each copy's gradient is exactly its own episode's.
 """
 from __future__ import annotations
 
@@ -24,34 +29,39 @@ def double_backward_attention():
         yield
 
 
-def adapt(model: SoftPromptModel, prompt: torch.Tensor, support, inner_lr: float, steps: int,
+def copies(prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """n independent copies of the prompt, (n, P, d), as one leaf that requires grad."""
+    return prompt.detach().unsqueeze(0).repeat(n, 1, 1).requires_grad_(True)
+
+
+def adapt(model: SoftPromptModel, prompts: torch.Tensor, supports: list, inner_lr: float, steps: int,
           first_order: bool) -> torch.Tensor:
-    """`steps` SGD steps on the support batch, from `prompt` (which must require grad)."""
-    fast = prompt
+    """`steps` SGD steps of each prompt copy (E, P, d) on its own support batch."""
+    fast = prompts
     for _ in range(steps):
-        (g,) = torch.autograd.grad(model.loss(support, fast), fast, create_graph=not first_order)
+        (g,) = torch.autograd.grad(model.group_losses(supports, fast).sum(), fast, create_graph=not first_order)
         fast = fast - inner_lr * g
         if first_order:
             fast = fast.detach().requires_grad_(True)
     return fast
 
 
-def maml_grad(model: SoftPromptModel, prompt: torch.Tensor, episode: Episode, inner_lr: float,
-              inner_steps: int) -> tuple[torch.Tensor, float]:
-    """d query_loss(adapted(prompt)) / d prompt, through the inner update."""
-    p = prompt.detach().requires_grad_(True)
+def maml_grad(model: SoftPromptModel, prompt: torch.Tensor, episodes: list[Episode], inner_lr: float,
+              inner_steps: int) -> tuple[torch.Tensor, list[float]]:
+    """Sum over episodes of d query_loss(adapted(prompt)) / d prompt, through the inner update."""
+    p = copies(prompt, len(episodes))
     with double_backward_attention():
-        fast = adapt(model, p, episode.support, inner_lr, inner_steps, first_order=False)
-        loss = model.loss(episode.query, fast)
-        (g,) = torch.autograd.grad(loss, p)
-    return g, loss.item()
+        fast = adapt(model, p, [e.support for e in episodes], inner_lr, inner_steps, first_order=False)
+        losses = model.group_losses([e.query for e in episodes], fast)
+        (g,) = torch.autograd.grad(losses.sum(), p)
+    return g.sum(0), losses.tolist()
 
 
-def fomaml_grad(model: SoftPromptModel, prompt: torch.Tensor, episode: Episode, inner_lr: float,
-                inner_steps: int) -> tuple[torch.Tensor, float]:
-    """The query loss's gradient at the adapted prompt, applied to the initial one."""
-    p = prompt.detach().requires_grad_(True)
-    fast = adapt(model, p, episode.support, inner_lr, inner_steps, first_order=True)
-    loss = model.loss(episode.query, fast)
-    (g,) = torch.autograd.grad(loss, fast)
-    return g, loss.item()
+def fomaml_grad(model: SoftPromptModel, prompt: torch.Tensor, episodes: list[Episode], inner_lr: float,
+                inner_steps: int) -> tuple[torch.Tensor, list[float]]:
+    """Sum over episodes of the query loss's gradient at the adapted prompt, applied to the initial one."""
+    p = copies(prompt, len(episodes))
+    fast = adapt(model, p, [e.support for e in episodes], inner_lr, inner_steps, first_order=True)
+    losses = model.group_losses([e.query for e in episodes], fast)
+    (g,) = torch.autograd.grad(losses.sum(), fast)
+    return g.sum(0), losses.tolist()

@@ -7,9 +7,9 @@ from core.algorithms.episodes import Episode
 from core.backbones.soft_prompt import SoftPromptModel
 
 
-def mtl_grad(model: SoftPromptModel, prompt: torch.Tensor, episode: Episode, inner_lr: float,
-             inner_steps: int) -> tuple[torch.Tensor, float]:
+def mtl_grad(model: SoftPromptModel, prompt: torch.Tensor, episodes: list[Episode], inner_lr: float,
+             inner_steps: int) -> tuple[torch.Tensor, list[float]]:
     p = prompt.detach().requires_grad_(True)
-    loss = model.loss(episode.support, p)
-    (g,) = torch.autograd.grad(loss, p)
-    return g, loss.item()
+    losses = [model.loss(e.support, p) for e in episodes]
+    (g,) = torch.autograd.grad(sum(losses), p)
+    return g, [loss.item() for loss in losses]

@@ -1,8 +1,10 @@
 """The upstream loop shared by every algorithm: episodes -> per-episode prompt gradients ->
 one outer optimizer step per meta-batch, with progress and resumable checkpoints.
 
-Each algorithm is one function (model, prompt, episode, inner_lr, inner_steps) -> (gradient,
-loss) plus the paper's defaults for it (the MPT code's run scripts).
+Each algorithm is one function (model, prompt, episodes, inner_lr, inner_steps) -> (gradient
+summed over the episodes, their losses) plus the paper's defaults for it (the MPT code's run
+scripts). The loop gives it one episode at a time, as the paper, or the whole meta-batch at once
+(`batch_episodes`).
 """
 from __future__ import annotations
 
@@ -64,6 +66,8 @@ class UpstreamConfig:
     grad_clip: float | None = None
     seed: int = 0
     checkpoint_every: int = 0  # outer steps; 0: never
+    # the meta-batch's episodes in one forward, one prompt copy per episode (the same gradient)
+    batch_episodes: bool = False
 
     def resolved(self) -> "UpstreamConfig":
         a = ALGORITHMS[self.algorithm]
@@ -107,11 +111,11 @@ def meta_train(model: SoftPromptModel, sources: dict[str, list[Split]], init: to
     start = time.perf_counter() - seconds
     for step in range(first, cfg.steps + 1):
         grad, losses = torch.zeros_like(prompt), []
-        for j in range(cfg.meta_batch):
-            episode = episodes.episode((step - 1) * cfg.meta_batch + j, support, query)
-            g, loss = algo.grad(model, prompt, episode, cfg.inner_lr, cfg.inner_steps)
+        drawn = [episodes.episode((step - 1) * cfg.meta_batch + j, support, query) for j in range(cfg.meta_batch)]
+        for group in ([drawn] if cfg.batch_episodes else [[e] for e in drawn]):
+            g, group_losses = algo.grad(model, prompt, group, cfg.inner_lr, cfg.inner_steps)
             grad += g
-            losses.append(loss)
+            losses += group_losses
         prompt.grad = grad / cfg.meta_batch if algo.average else grad
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([prompt], cfg.grad_clip)

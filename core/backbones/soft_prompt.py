@@ -170,6 +170,20 @@ class SoftPromptModel(nn.Module):
         batch = self.encode([e.input for e in examples], [e.output for e in examples])
         return -self.answer_logprobs(batch, prompt).mean()
 
+    def group_losses(self, groups: list[list[Example]], prompts: torch.Tensor) -> torch.Tensor:
+        """loss(groups[e], prompts[e]) for every group e, (E,), from one forward: prompts is
+        (E, P, d) and every row runs under its own group's prompt."""
+        if len(groups) == 1:
+            return self.loss(groups[0], prompts[0])[None]
+        examples = [e for g in groups for e in g]
+        dev = self.backbone.device
+        owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], dtype=torch.long, device=dev)
+        batch = self.encode([e.input for e in examples], [e.output for e in examples])
+        lp = self.answer_logprobs(batch, prompts[owner])
+        token_owner = owner[batch.answer_rows]
+        sums = torch.zeros(len(groups), device=dev, dtype=lp.dtype).index_add(0, token_owner, lp)
+        return -sums / torch.bincount(token_owner, minlength=len(groups))
+
     def sequence_logliks(self, inputs: list[str], answers: list[str],
                          prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Summed log-likelihood of each answer given its input: (B,)."""
