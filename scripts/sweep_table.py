@@ -1,12 +1,16 @@
 """A sweep's report for the docs, from the files `primer run` wrote (sweep.json and each
 variantN/results.json): per value, each method's ARG over PT with its 95% bootstrap interval and
 test score mean ± std per target; each value's ARG minus a reference value's, paired on the
-same resamples (PT is shared by every variant); and sweep.png drawn again from sweep.json.
+same resamples (PT is shared by every variant); each method's ARG across the values (mean, std,
+range: the spread over repeated upstream runs when the field is upstream.episode_seed); and
+sweep.png drawn again from sweep.json.
 
   .venv/bin/python scripts/sweep_table.py runs/metapt-clustering metapt kmeans
   .venv/bin/python scripts/sweep_table.py runs/metapt-k metapt 10
+  .venv/bin/python scripts/sweep_table.py runs/metapt-episodes metapt 1
 """
 import json
+import statistics
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,6 +42,10 @@ for value, r in zip(values, runs):
     if r is not base:
         lo, hi = arg_difference_interval(scores(r, method), scores(base, method), pt)
         print(f"| {value} | {r['arg'][method] - base['arg'][method]:+.2f} | [{lo:+.2f}, {hi:+.2f}] |")
+
+print(f"\n| method | ARG over the {len(values)} values: mean ± std (min, max) |\n|---|---|")
+for m, args in sweep["arg"].items():
+    print(f"| {m} | {statistics.mean(args):+.2f} ± {statistics.stdev(args):.2f} ({min(args):+.2f}, {max(args):+.2f}) |")
 
 stub = SimpleNamespace(runs=[(v, None) for v in values], table=lambda: sweep["arg"],
                        spec=SimpleNamespace(sweep=SimpleNamespace(field=sweep["field"])))
