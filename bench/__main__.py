@@ -191,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             isolated(argv, part, algorithms, emit)
     elif {"meta", "pt", "eval"} & set(parts):
         from bench import figures, reference
+        from bench.measure import fixed_allocator
 
+        fixed_allocator()
         s = setup(args)
         if "meta" in parts:
             for algorithm in args.algorithms.split(","):

@@ -29,14 +29,29 @@ def rss() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def fixed_allocator() -> None:
+    """The ceilings glibc's own dynamic thresholds grow to (32 MiB mmap, 64 MiB trim), fixed
+    from the start: every timed run, whichever implementation and whatever ran before it, gets
+    the same allocator (left dynamic, the first run would start from glibc's 128 KiB)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+
+
 @contextlib.contextmanager
 def live_resident_set():
     """Inside: every allocation over 64 KiB is mmapped, so freeing it lowers the resident set.
-    After: the ceilings glibc's own dynamic thresholds grow to (32 MiB mmap, 64 MiB trim), the
-    same for every implementation measured after."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: the resident set is read as it is
+    After: back to fixed_allocator's thresholds."""
+    libc = _glibc()
+    if libc is None:  # the resident set is read as it is
         yield
         return
     libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
@@ -44,8 +59,7 @@ def live_resident_set():
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20)
+        fixed_allocator()
 
 
 class PeakMemory:

@@ -24,6 +24,7 @@ torch.manual_seed(0)
 dtype = backbones.DTYPES[sys.argv[1] if len(sys.argv) > 1 else "fp32"]
 backbone = backbones.freeze(backbones.load("smollm2-135m", dtype=dtype))
 model = SoftPromptModel(backbone, init_prompt(backbone, 20, "vocab", seed=0), max_input_tokens=64)
+model.PACK = False  # rows padded, as before packing: this compares the two padded layouts
 split = get_split(load_task(TaskRef(name="sms_spam")), 100)
 
 

@@ -1,5 +1,5 @@
 """SoftPromptModel on tiny random Llama and T5 backbones: what trains, what is scored, and that
-the shortcuts (answer-only LM head, the prompt's KV cache shared by a batch, KV-cache greedy
+the shortcuts (answer-only LM head, rows packed end to end, the prompt's KV cache shared by a batch, KV-cache greedy
 decoding) give the plain model's numbers."""
 import hashlib
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from core.algorithms.pt import TrainConfig, train_prompt
-from core.backbones.soft_prompt import SoftPromptModel
+from core.backbones.soft_prompt import SoftPromptModel, plan_packs
 from core.prompts import init_prompt
 from core.tasks.base import Example, Split, TaskInfo
 
@@ -66,10 +66,18 @@ def full_forward_logprobs(model: SoftPromptModel, example: Example) -> torch.Ten
     return torch.log_softmax(picked, -1).gather(1, batch.answer_ids[:, None]).squeeze(1)
 
 
-@pytest.mark.parametrize("cache_rows", [1, 100], ids=["prompt KV cache shared", "prompt concatenated"])
-def test_answer_only_head_on_a_padded_batch_equals_the_full_forward(tiny_backbone, cache_rows):
+# How a batch's rows run: packed end to end (all in one pack, or one pack per row), or padded
+# (the prompt's KV cache shared by the rows, or the prompt concatenated in front of each).
+LAYOUTS = {"packed, one pack": dict(PACK_TOKENS=10**6), "packed, a pack per row": dict(PACK_TOKENS=1),
+           "padded, prompt KV cache shared": dict(PACK=False, PROMPT_CACHE_ROWS=1),
+           "padded, prompt concatenated": dict(PACK=False, PROMPT_CACHE_ROWS=100)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_answer_only_head_on_a_batch_equals_the_full_forward(tiny_backbone, layout):
     model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 3, "random"))
-    model.PROMPT_CACHE_ROWS = cache_rows
+    for name, value in LAYOUTS[layout].items():
+        setattr(model, name, value)
     examples = [Example("the movie was good and the film was great", ("positive",)),
                 Example("awful", ("a bad movie",)), Example("what color is the sky ?", ("blue",))]
     batch = model.encode([e.input for e in examples], [e.output for e in examples])
@@ -83,6 +91,53 @@ def test_answer_only_head_on_a_padded_batch_equals_the_full_forward(tiny_backbon
     (plain,) = torch.autograd.grad(alone.sum(), model.prompt)
     assert plain.norm() > 0
     torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_packs_are_few_even_and_hold_every_row_once():
+    # 8 rows of 10 tokens and one prompt of 4: 84 tokens, 2 packs of at most 50, 44 tokens each.
+    packs = plan_packs([10] * 8, [0] * 8, 4, 50)
+    assert [[(g, len(rows)) for g, rows in pack] for pack in packs] == [[(0, 4)], [(0, 4)]]
+    # Rows of three groups, longer and shorter; a row longer than the cap gets a pack of its own.
+    sizes, owner = [30, 5, 12, 7, 90, 3, 18, 11, 6], [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    packs = plan_packs(sizes, owner, 8, 60)
+    placed = sorted(r for pack in packs for _, rows in pack for r in rows)
+    assert placed == list(range(len(sizes)))
+    for pack in packs:
+        assert all(owner[r] == g for g, rows in pack for r in rows)
+        length = sum(8 + sum(sizes[r] for r in rows) for _, rows in pack)
+        assert length <= 60 or sum(len(rows) for _, rows in pack) == 1
+    assert plan_packs([5], [0], 0, 1) == [[(0, [0])]]
+
+
+@pytest.mark.parametrize("pack_tokens", [10**6, 20, 1])
+def test_groups_packed_together_give_each_group_its_own_loss(tiny_dir, pack_tokens):
+    """Three groups under three prompts, packed (some packs holding several groups, some groups
+    split across packs): each group's loss and gradient are those of the group alone, padded."""
+    from core.backbones import load
+
+    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random"))
+    groups = [TRAIN[:3], TRAIN[3:] + [Example("what color is the sky ?", ("blue",))], TRAIN[1:2]]
+    prompts = torch.stack([init_prompt(model.backbone, 3, "random", seed=i) for i in range(3)]).requires_grad_(True)
+    model.PACK_TOKENS = pack_tokens
+    packed = model.group_losses(groups, prompts)
+    (g_packed,) = torch.autograd.grad(packed.sum(), prompts)
+    model.PACK = False
+    alone = torch.stack([model.loss(g, p) for g, p in zip(groups, prompts)])
+    (g_alone,) = torch.autograd.grad(alone.sum(), prompts)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_packed, g_alone, atol=1e-5, rtol=1e-4)
+    assert g_alone[2].norm() > 0
+
+
+def test_packing_without_a_prompt_fine_tuning(tiny_dir):
+    from core.backbones import load
+
+    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    model = SoftPromptModel(backbone, torch.zeros(0, backbone.dim), allow_empty=True)
+    packed = model.loss(TRAIN)
+    model.PACK = False
+    torch.testing.assert_close(packed, model.loss(TRAIN), atol=1e-5, rtol=1e-5)
 
 
 def test_one_prompt_per_example_equals_shared_prompts(tiny_backbone):

@@ -50,10 +50,10 @@ def maml_grad(model: SoftPromptModel, prompt: torch.Tensor, episodes: list[Episo
               inner_steps: int) -> tuple[torch.Tensor, list[float]]:
     """Sum over episodes of d query_loss(adapted(prompt)) / d prompt, through the inner update."""
     p = copies(prompt, len(episodes))
-    with double_backward_attention():
+    with double_backward_attention():  # the support pass's backward is differentiated again ...
         fast = adapt(model, p, [e.support for e in episodes], inner_lr, inner_steps, first_order=False)
-        losses = model.group_losses([e.query for e in episodes], fast)
-        (g,) = torch.autograd.grad(losses.sum(), p)
+    losses = model.group_losses([e.query for e in episodes], fast)  # ... the query pass's is not
+    (g,) = torch.autograd.grad(losses.sum(), p)
     return g.sum(0), losses.tolist()
 
 

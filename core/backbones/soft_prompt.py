@@ -7,6 +7,7 @@ of a batch, without functionalizing the backbone.
 Layout of one causal sequence (right-padded):  [P prompt vectors][input tokens][answer tokens][pad]
 Hidden state t predicts token t+1, so the answer is read off the positions just before it, and
 the LM head runs only there: a 49k-word head over every input position would dominate the cost.
+Losses pack the rows of a batch end to end instead of padding them (`_packed_hidden`).
 Seq2seq models take [P][input] in the encoder and the answer in the decoder.
 """
 from __future__ import annotations
@@ -41,6 +42,26 @@ def check_prompt_length(n: int) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_PROMPT_TOKENS:
         raise ValueError(f"prompt length must be an integer from 1 to {MAX_PROMPT_TOKENS}, got {n!r}")
     return n
+
+
+def plan_packs(sizes: list[int], owner: list[int], prompt: int, cap: int) -> list[list[tuple[int, list[int]]]]:
+    """Which rows go into which pack: row r has sizes[r] tokens and needs the prompt of group
+    owner[r] (`prompt` tokens) in its pack. As few packs as `cap` tokens each allow, filled
+    evenly (the longest rows first, each into the pack it leaves shortest, a group's prompt
+    counted where the pack does not have it yet), since every pack is padded to the longest.
+    Returns each pack as [(group, [rows])], groups and rows in first-seen order."""
+    groups = {g: [r for r in range(len(sizes)) if owner[r] == g] for g in dict.fromkeys(owner)}
+    total = sum(sizes) + prompt * len(groups)
+    n_packs = max(1, min(len(sizes), -(-total // cap)))
+    lengths, members = [0] * n_packs, [dict() for _ in range(n_packs)]
+    for r in sorted(range(len(sizes)), key=lambda r: -sizes[r]):
+        g = owner[r]
+        cost = [lengths[k] + sizes[r] + (0 if g in members[k] else prompt) for k in range(n_packs)]
+        k = min(range(n_packs), key=cost.__getitem__)
+        lengths[k] = cost[k]
+        members[k].setdefault(g, []).append(r)
+    order = {g: i for i, g in enumerate(groups)}
+    return [[(g, sorted(rows)) for g, rows in sorted(m.items(), key=lambda gr: order[gr[0]])] for m in members if m]
 
 
 class SoftPromptModel(nn.Module):
@@ -115,12 +136,13 @@ class SoftPromptModel(nn.Module):
         cap = getattr(self.backbone.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    # A shared prompt's KV cache pays off from this many rows on. SmolLM2-135M on 2 CPU cores,
-    # prompt 20: a loss and its backward ran 0.93x as fast as with the prompt concatenated at
-    # 2 rows, 1.09x at 4, 1.25x at 8; a MAML meta-gradient 0.90x at 2 rows, 1.06x at 4
-    # (scripts/prompt_cache.py; docs/performance.md). In bf16 the matrix multiplies it saves are
-    # cheaper and its own pass is not: 0.94x at 4 rows, 1.07x at 8 for the loss, 0.97x at 4 for
-    # MAML (scripts/prompt_cache.py bf16), so a bf16 backbone shares it from 8 rows on.
+    # Where rows are padded (prediction's KV caches; losses on a backbone that cannot take a
+    # packing mask), a shared prompt's KV cache pays off from this many rows on. SmolLM2-135M on
+    # 2 CPU cores, prompt 20: a loss and its backward ran 0.93x as fast as with the prompt
+    # concatenated at 2 rows, 1.09x at 4, 1.25x at 8; a MAML meta-gradient 0.90x at 2 rows, 1.06x
+    # at 4 (scripts/prompt_cache.py; docs/performance.md). In bf16 the matrix multiplies it saves
+    # are cheaper and its own pass is not: 0.94x at 4 rows, 1.07x at 8 for the loss, 0.97x at 4
+    # for MAML (scripts/prompt_cache.py bf16), so a bf16 backbone shares it from 8 rows on.
     PROMPT_CACHE_ROWS = 4
     PROMPT_CACHE_ROWS_BF16 = 8
 
@@ -151,18 +173,88 @@ class SoftPromptModel(nn.Module):
                    position_ids=P + (batch.mask.cumsum(1) - 1).clamp(min=0), cache=cache, use_cache=use_cache)
         return out, mask, P, 0
 
-    def answer_logits(self, batch: Batch, prompt: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits at the positions that predict answer tokens, in Batch.answer_ids order: (N, V)."""
+    # The longest pack (in tokens) worth forming: a pack's attention, and its elementwise work,
+    # grow with the square of its length. SmolLM2-135M on 2 CPU cores (scripts/packing.py;
+    # docs/performance.md).
+    PACK_TOKENS = 256
+    PACK = True  # False: pad the rows instead (for comparison)
+
+    def _packed_hidden(self, batch: Batch, prompts: torch.Tensor, owner: list[int]) -> torch.Tensor:
+        """Causal LMs: the last hidden state at every answer-predicting position, (N, d), in
+        Batch.answer_ids order; row r runs under prompts[owner[r]] ((E, P, d)).
+
+        No padding between rows: a pack is one sequence [prompt of group a][row][row][prompt of
+        group b][row]..., each row attending to its group's prompt and to itself only (a block
+        mask), its positions counted from its prompt as if it ran alone. So each pack runs its
+        group's prompt once however many rows share it, as if its keys and values were cached,
+        in the same forward. Each row's last answer token (EOS) predicts nothing and is not fed."""
+        P, dev, d = prompts.shape[1], batch.ids.device, prompts.shape[2]
+        answered = set(batch.answer_rows.tolist())
+        sizes = [n - (r in answered) for r, n in enumerate(batch.mask.sum(1).tolist())]
+        ids, pos, seg, anchor, src = ([] for _ in range(5))  # per pack, per token
+        where = [(0, 0)] * len(sizes)  # each row's (pack, first index)
+        for k, pack in enumerate(plan_packs(sizes, owner, P, self.PACK_TOKENS)):
+            for x in (ids, pos, seg, anchor, src):
+                x.append([])
+            for j, (g, rows) in enumerate(pack):  # segment ids: prompts 1, 2, ...; row r -(r + 1); padding 0
+                if P:
+                    ids[k] += [0] * P
+                    pos[k] += range(P)
+                    seg[k] += [j + 1] * P
+                    anchor[k] += [j + 1] * P
+                    src[k] += range(g * P + 1, g * P + P + 1)  # 1 + the index of the prompt vector
+                for r in rows:
+                    n = sizes[r]
+                    where[r] = (k, len(ids[k]))
+                    ids[k] += batch.ids[r, :n].tolist()
+                    pos[k] += range(P, P + n)
+                    seg[k] += [-(r + 1)] * n
+                    anchor[k] += [j + 1 if P else -(r + 1)] * n  # the segment a row sees besides its own
+                    src[k] += [0] * n
+        S, pad = max(map(len, ids)), self.backbone.tokenizer.pad_token_id
+        t = lambda rows, fill: torch.tensor([x + [fill] * (S - len(x)) for x in rows], dtype=torch.long, device=dev)
+        ids_t, pos_t, seg_t, src_t = t(ids, pad), t(pos, 0), t(seg, 0), t(src, 0)
+        anchor_t = t([a + [a[0]] * (S - len(a)) for a in anchor], 0)  # padding attends to the first segment
+        q = torch.arange(S, device=dev)
+        allowed = ((q[:, None] >= q[None, :]) & (seg_t[:, None, :] != 0)
+                   & ((seg_t[:, None, :] == seg_t[:, :, None]) | (seg_t[:, None, :] == anchor_t[:, :, None])))
+        tokens = self.backbone.embed(ids_t)
+        if P:
+            flat = torch.cat([prompts.new_zeros(1, d), prompts.reshape(-1, d)]).to(tokens.dtype)
+            tokens = torch.where((src_t > 0)[..., None], flat[src_t], tokens)
+        mask = torch.zeros(allowed.shape, dtype=tokens.dtype, device=dev).masked_fill(~allowed, torch.finfo(tokens.dtype).min)
+        out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=mask[:, None], position_ids=pos_t,
+                                             use_cache=False).last_hidden_state
+        k, first = (torch.tensor(x, dtype=torch.long, device=dev) for x in zip(*where))
+        return out[k[batch.answer_rows], first[batch.answer_rows] + batch.answer_pos]
+
+    def _packable(self) -> bool:
+        # A custom 4D mask is what sdpa and eager attention take as it is; flash-attention kernels do not.
+        return self.PACK and self.causal and getattr(self.backbone.model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+    def answer_logits(self, batch: Batch, prompt: torch.Tensor | None = None,
+                      owner: list[int] | None = None) -> torch.Tensor:
+        """Logits at the positions that predict answer tokens, in Batch.answer_ids order: (N, V).
+        `prompt` is (P, d), shared by the batch, or (E, P, d) with `owner` giving each row's
+        prompt (by default E is the batch and row i runs under prompt i)."""
+        p = self.prompt if prompt is None else prompt
+        if self._packable():
+            B = batch.ids.shape[0]
+            prompts, owner = (p[None], [0] * B) if p.dim() == 2 else (p, owner or list(range(B)))
+            return self._head(self._packed_hidden(batch, prompts, owner))
+        if owner is not None:
+            p = p[torch.tensor(owner, device=p.device)]
         if self.causal:
-            out, _, _, first = self._after_prompt(batch, prompt, use_cache=False)
+            out, _, _, first = self._after_prompt(batch, p, use_cache=False)
             return self._head(out.last_hidden_state[batch.answer_rows, batch.answer_pos + first])
-        embeds, mask, _ = self._with_prompt(batch, prompt)
+        embeds, mask, _ = self._with_prompt(batch, p)
         out = self.backbone.model(inputs_embeds=embeds, attention_mask=mask, labels=batch.answer, use_cache=False)
         return out.logits[batch.answer != -100]
 
-    def answer_logprobs(self, batch: Batch, prompt: torch.Tensor | None = None) -> torch.Tensor:
+    def answer_logprobs(self, batch: Batch, prompt: torch.Tensor | None = None,
+                        owner: list[int] | None = None) -> torch.Tensor:
         """Log-probability of every answer token, flattened in Batch.answer_ids order: (N,)."""
-        logits = self.answer_logits(batch, prompt)
+        logits = self.answer_logits(batch, prompt, owner)
         return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.answer_ids[:, None]).squeeze(1)
 
     def loss(self, examples: list[Example], prompt: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,10 +269,10 @@ class SoftPromptModel(nn.Module):
             return self.loss(groups[0], prompts[0])[None]
         examples = [e for g in groups for e in g]
         dev = self.backbone.device
-        owner = torch.tensor([i for i, g in enumerate(groups) for _ in g], dtype=torch.long, device=dev)
+        owner = [i for i, g in enumerate(groups) for _ in g]
         batch = self.encode([e.input for e in examples], [e.output for e in examples])
-        lp = self.answer_logprobs(batch, prompts[owner])
-        token_owner = owner[batch.answer_rows]
+        lp = self.answer_logprobs(batch, prompts, owner)
+        token_owner = torch.tensor(owner, dtype=torch.long, device=dev)[batch.answer_rows]
         sums = torch.zeros(len(groups), device=dev, dtype=lp.dtype).index_add(0, token_owner, lp)
         return -sums / torch.bincount(token_owner, minlength=len(groups))
 
