@@ -95,8 +95,7 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     algo = ALGORITHMS[algorithm]
     cfg = UpstreamConfig(algorithm=algorithm, steps=s.meta_steps, inner_lr=s.inner_lr, outer_lr=0.5,
                          optimizer="adafactor", batch_episodes=s.batch_episodes).resolved()
-    support = cfg.inner_batch_size * (cfg.inner_steps if algo.support_per_inner_step else 1)
-    query = cfg.inner_batch_size if algo.uses_query else 0
+    support, query = cfg.episode_sizes()
     episodes = TaskEpisodes(s.sources, cfg.seed)
     loss = reference.PaperLoss(s.ref, s.static_length)
     init = s.model.prompt.detach().clone()

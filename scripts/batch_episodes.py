@@ -36,8 +36,7 @@ print("| algorithm | episodes | rows per forward, one at a time | one at a time 
 for algorithm, meta_batch in [("maml", 2), ("maml", 4), ("fomaml", 2), ("fomaml", 4), ("reptile", 2)]:
     algo = ALGORITHMS[algorithm]
     cfg = UpstreamConfig(algorithm=algorithm, meta_batch=meta_batch).resolved()
-    support = cfg.inner_batch_size * (cfg.inner_steps if algo.support_per_inner_step else 1)
-    drawn = [episodes.episode(j, support, cfg.inner_batch_size if algo.uses_query else 0) for j in range(meta_batch)]
+    drawn = [episodes.episode(j, *cfg.episode_sizes()) for j in range(meta_batch)]
     seconds = {"alone": [], "batched": []}
     for _ in range(4):
         for how, groups in (("alone", [[e] for e in drawn]), ("batched", [drawn])):

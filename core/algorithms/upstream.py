@@ -76,6 +76,12 @@ class UpstreamConfig:
                                  "inner_steps": self.inner_steps or a.inner_steps,
                                  "meta_batch": self.meta_batch or a.meta_batch})
 
+    def episode_sizes(self) -> tuple[int, int]:
+        """Support and query examples per episode, of a resolved config."""
+        a = ALGORITHMS[self.algorithm]
+        return (self.inner_batch_size * (self.inner_steps if a.support_per_inner_step else 1),
+                self.inner_batch_size if a.uses_query else 0)
+
 
 @dataclass
 class UpstreamResult:
@@ -96,8 +102,7 @@ def meta_train(model: SoftPromptModel, sources: dict[str, list[Split]], init: to
     cfg = cfg.resolved()
     algo = ALGORITHMS[cfg.algorithm]
     episodes = algo.episodes(sources, cfg.seed)
-    support = cfg.inner_batch_size * (cfg.inner_steps if algo.support_per_inner_step else 1)
-    query = cfg.inner_batch_size if algo.uses_query else 0
+    support, query = cfg.episode_sizes()
 
     prompt = torch.nn.Parameter(init.detach().clone().float())
     opt = make_optimizer(cfg.optimizer, [prompt], cfg.outer_lr, cfg.weight_decay)
