@@ -50,8 +50,8 @@ def plan_packs(sizes: list[int], owner: list[int], prompt: int, cap: int) -> lis
     evenly (the longest rows first, each into the pack it leaves shortest, a group's prompt
     counted where the pack does not have it yet), since every pack is padded to the longest.
     Returns each pack as [(group, [rows])], groups and rows in first-seen order."""
-    groups = {g: [r for r in range(len(sizes)) if owner[r] == g] for g in dict.fromkeys(owner)}
-    total = sum(sizes) + prompt * len(groups)
+    order = {g: i for i, g in enumerate(dict.fromkeys(owner))}
+    total = sum(sizes) + prompt * len(order)
     n_packs = max(1, min(len(sizes), -(-total // cap)))
     lengths, members = [0] * n_packs, [dict() for _ in range(n_packs)]
     for r in sorted(range(len(sizes)), key=lambda r: -sizes[r]):
@@ -60,7 +60,6 @@ def plan_packs(sizes: list[int], owner: list[int], prompt: int, cap: int) -> lis
         k = min(range(n_packs), key=cost.__getitem__)
         lengths[k] = cost[k]
         members[k].setdefault(g, []).append(r)
-    order = {g: i for i, g in enumerate(groups)}
     return [[(g, sorted(rows)) for g, rows in sorted(m.items(), key=lambda gr: order[gr[0]])] for m in members if m]
 
 
@@ -230,7 +229,8 @@ class SoftPromptModel(nn.Module):
 
     def _packable(self) -> bool:
         # A custom 4D mask is what sdpa and eager attention take as it is; flash-attention kernels do not.
-        return self.PACK and self.causal and getattr(self.backbone.model.config, "_attn_implementation", None) in ("sdpa", "eager")
+        attention = getattr(self.backbone.model.config, "_attn_implementation", None)
+        return self.PACK and self.causal and attention in ("sdpa", "eager")
 
     def answer_logits(self, batch: Batch, prompt: torch.Tensor | None = None,
                       owner: list[int] | None = None) -> torch.Tensor:
