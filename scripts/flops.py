@@ -1,17 +1,18 @@
-"""How many floating-point operations does one meta-gradient take, primer against the MPT
-paper's loop (bench/reference.py)? torch.utils.flop_counter counts every matrix multiply and
-attention call (attention through the math kernel), forward and backward (second order included), on the bench's first meta-batches
-(MAML: 3 outer steps of 2 episodes, SmolLM2-135M fp32, prompt 20 or as given, input cap 64). This is
-the work each side must do: its ratio is the most a perfect implementation of either could gain.
+"""How many floating-point operations do the meta-gradients take, primer against the MPT
+paper's loop (bench/reference.py)? torch.utils.flop_counter's formulas count every matrix
+multiply and attention call (attention through the math kernel), forward and backward (second
+order included), on the bench's first meta-batches (3 outer steps of 2 episodes, SmolLM2-135M
+fp32, prompt 20 or as given, input cap 64). This is the work each side must do: at equal speed
+per operation, its ratio is the most either could gain.
 
   .venv/bin/python scripts/flops.py [prompt length]
 """
 import sys
 from pathlib import Path
 
-import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 from bench import reference  # noqa: E402
@@ -25,18 +26,33 @@ init = s.model.prompt.detach().clone()
 loss = reference.PaperLoss(s.ref, s.static_length)
 
 
+class Flops(TorchDispatchMode):
+    """torch's own FLOP formulas (torch.utils.flop_counter) over every op dispatched inside.
+    Not FlopCounterMode itself: its per-module hooks fail on the reference's first-order call
+    (autograd.grad on higher's leaf parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **(kwargs or {}), out_val=out)
+        return out
+
+
 def count(work) -> float:
-    # the math attention kernel: torch's counter has no formula for the CPU flash kernel
-    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+    # the math attention kernel: torch has no FLOP formula for the CPU flash kernel
+    with sdpa_kernel([SDPBackend.MATH]), Flops() as counter:
         work()
-    return counter.get_total_flops()
+    return counter.total
 
 
 print(f"prompt {length}, static length {s.static_length}\n\n"
       "| algorithm | episodes | primer GFLOP | paper-loop+higher GFLOP | ratio |\n|---|---|---|---|---|")
-# MAML only: the counter's module hooks fail on the reference's first-order call
-# (autograd.grad on higher's leaf parameters: "A leaf node was passed to _will_engine_execute_node").
-for algorithm in ("maml",):
+for algorithm in ("maml", "fomaml", "reptile"):
     cfg = UpstreamConfig(algorithm=algorithm, inner_lr=s.inner_lr).resolved()
     episodes = [TaskEpisodes(s.sources, cfg.seed).episode(i, *cfg.episode_sizes()) for i in range(6)]
     ours = count(lambda: [ALGORITHMS[algorithm].grad(s.model, init, [e], cfg.inner_lr, cfg.inner_steps) for e in episodes])
