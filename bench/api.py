@@ -118,7 +118,8 @@ async def load(url: str, secret: str, clients: int, seconds: float, request, rat
 
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # below uvicorn's 5 s keep-alive timeout, so no client reuses a connection the server is closing
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {secret}"}, limits=limits,
                                  timeout=60) as http:
         end = time.perf_counter() + seconds

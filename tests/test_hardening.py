@@ -419,7 +419,9 @@ def test_200_concurrent_submissions_and_a_minute_of_reads_lose_nothing(svc):
     headers, n_jobs, readers, statuses, read_ms = dict(svc.http.headers), 200, 8, [], []
 
     async def run():
-        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        # Idle connections are dropped before uvicorn's 5 s keep-alive timeout: at equal timeouts
+        # a reader can reuse a connection the server is closing (httpx.ReadError, no response).
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250, keepalive_expiry=2)
         async with httpx.AsyncClient(base_url=svc.url, headers=headers, timeout=60, limits=limits) as http:
             async def submit(i):
                 r = await http.post("/jobs", json=quick(f"load-{i}"), headers={"Idempotency-Key": f"load-{i}"})
