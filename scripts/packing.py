@@ -15,33 +15,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
-from bench.__main__ import SOURCES, TARGET
-from core import backbones
-from core.algorithms.episodes import TaskEpisodes
-from core.algorithms.maml import fomaml_grad, maml_grad
-from core.backbones.soft_prompt import SoftPromptModel
-from core.prompts import init_prompt
-from core.spec import TaskRef
-from core.tasks import get_split, load_task
+from bench.__main__ import parse, setup  # noqa: E402
+from core.algorithms.episodes import TaskEpisodes  # noqa: E402
+from core.algorithms.maml import fomaml_grad, maml_grad  # noqa: E402
 
-torch.manual_seed(0)
 dtype = sys.argv[1] if len(sys.argv) > 1 else "fp32"
 sizes = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "128,256,512").split(",")]
-backbone = backbones.freeze(backbones.load("smollm2-135m", dtype=backbones.DTYPES[dtype]))
-model = SoftPromptModel(backbone, init_prompt(backbone, 20, "vocab", seed=0), max_input_tokens=64)
-sources = {n: [get_split(load_task(TaskRef(name=n)), 100)] for n in SOURCES}
-target = get_split(load_task(TaskRef(name=TARGET)), 100)
-init = model.prompt.detach().clone()
+s = setup(parse(["--parts", "meta", "--dtype", dtype]))  # the bench's model, sources and target
+model, init = s.model, s.model.prompt.detach().clone()
 
 
 def meta(grad, rows: int):
-    episodes = [TaskEpisodes(sources, 0).episode(i, rows, rows) for i in range(4)]
+    episodes = [TaskEpisodes(s.sources, 0).episode(i, rows, rows) for i in range(4)]
     return lambda: [grad(model, init, [e], 3e-5, 1) for e in episodes]
 
 
 def pt(rows: int):
     prompt = torch.nn.Parameter(init.clone())
-    return lambda: model.loss(target.train[:rows], prompt).backward()
+    return lambda: model.loss(s.train[:rows], prompt).backward()
 
 
 variants = {"padded": None, **{f"packed {n}": n for n in sizes}}
@@ -52,10 +43,11 @@ for label, rows, work in [("MAML meta-gradient, 4 episodes", 2, meta(maml_grad, 
     seconds = {v: [] for v in variants}
     for _ in range(4):
         for name, n in variants.items():
-            model.PACK_TOKENS = n or 0
             model.PACK = n is not None
+            if n:
+                model.PACK_TOKENS = n
             start = time.perf_counter()
             work()
             seconds[name].append(time.perf_counter() - start)
-    medians = [statistics.median(s[1:]) for s in seconds.values()]
+    medians = [statistics.median(t[1:]) for t in seconds.values()]
     print(f"| {label} | {rows} | {' | '.join(f'{m:.3f}' for m in medians)} |", flush=True)
