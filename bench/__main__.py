@@ -22,6 +22,7 @@ import subprocess
 import sys
 
 PARTS = ("meta", "pt", "eval", "api")
+ALGORITHMS = ("maml", "fomaml", "reptile")  # those bench/reference.py writes the paper's loop for
 SOURCES = ("sms_spam", "disaster_tweets", "sarcasm_headlines", "trec_coarse")
 TARGET = "rotten_tomatoes_sentiment"
 
@@ -63,6 +64,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.parts.split(",")) - set(PARTS))
     if unknown:
         p.error(f"unknown part(s) {', '.join(unknown)}; accepted: {', '.join(PARTS)}")
+    unknown = sorted(set(args.algorithms.split(",")) - set(ALGORITHMS))
+    if unknown:
+        p.error(f"unknown algorithm(s) {', '.join(unknown)}; accepted: {', '.join(ALGORITHMS)}")
     return args
 
 
@@ -146,13 +150,14 @@ def table(lines: list[dict]) -> str:
             rate = line.get(key) if key else None
             check = ", ".join(f"{k} {line[k]}" for k in ("grad_relative_diff", "loss_relative_diff", "accuracy", "accuracy_one_by_one",
                                                          "p50_ms", "p99_ms", "errors", "to_running_s",
-                                                         "to_first_step_s") if k in line)
+                                                         "to_first_step_s", "exit_status") if k in line)
             ratio = ""
             if impl != "primer" and rate and primer.get(key):
                 ratio = f"{primer[key] / rate:.2f}×"
             unit = key.replace("_per_s", "/s") if key else ""
             impl = f"{impl} ({line['dtype']})" if "dtype" in line else impl
-            rows.append(f"| {figure} | {impl} | {rate if rate is not None else '—'} {unit} | "
+            rate_text = f"{rate if rate is not None else '—'} {unit}".strip()
+            rows.append(f"| {figure} | {impl} | {rate_text} | "
                         f"{line.get('peak_mb') if line.get('peak_mb') is not None else '—'} | {check} | {ratio} |")
     return "\n".join(rows)
 
@@ -164,14 +169,18 @@ def units(args) -> list[tuple[str, str]]:
     return out + [(p, args.algorithms) for p in ("pt", "eval") if p in parts]
 
 
-def isolated(argv: list[str], part: str, algorithms: str, emit) -> None:
+def isolated(argv: list[str], part: str, algorithms: str, emit) -> bool:
     """One figure in a fresh interpreter (the same options; the last --parts wins); its JSON
-    lines are relayed, its stderr (progress, profiles) passes through."""
+    lines are relayed, its stderr (progress, profiles, a traceback) passes through. False if it
+    failed: the other figures still run, and the table names the failed one."""
     cmd = [sys.executable, "-m", "bench", *argv, "--parts", part, "--algorithms", algorithms, "--one-process", "--quiet"]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
-    for line in out.splitlines():
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    for line in done.stdout.splitlines():
         if line.startswith("{"):
             emit(json.loads(line))
+    if done.returncode:
+        emit({"figure": f"meta/{algorithms}" if part == "meta" else part, "impl": "FAILED", "exit_status": done.returncode})
+    return done.returncode == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.quiet:
         emit({"figure": "machine", "impl": "-", **machine(args)})
+    failed = False
     if not args.one_process and len(units(args)) > 1:
         for part, algorithms in units(args):
-            isolated(argv, part, algorithms, emit)
+            failed |= not isolated(argv, part, algorithms, emit)
     elif {"meta", "pt", "eval"} & set(parts):
         from bench import figures, reference
         from bench.measure import fixed_allocator
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         api.run(args, emit)
     if not args.quiet:
         print(table([line for line in lines if line["figure"] != "machine"]), file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

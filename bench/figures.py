@@ -78,7 +78,7 @@ def profile(work: Callable[[], int], device: torch.device, name: str, rows: int 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         work()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\n### profile: {name}\n" + prof.key_averages().table(sort_by=key, row_limit=rows), file=sys.stderr)
 
 

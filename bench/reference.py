@@ -46,11 +46,11 @@ class PaperLoss:
             B, T = b.ids.shape
             if T > self.length:
                 raise ValueError(f"a batch needs {T} tokens but the static length is {self.length}")
-            pad = self.model.backbone.tokenizer.pad_token_id
-            ids = torch.full((B, self.length), pad, dtype=torch.long)
-            mask = torch.zeros((B, self.length), dtype=torch.long)
+            pad, dev = self.model.backbone.tokenizer.pad_token_id, b.ids.device
+            ids = torch.full((B, self.length), pad, dtype=torch.long, device=dev)
+            mask = torch.zeros((B, self.length), dtype=torch.long, device=dev)
             ids[:, :T], mask[:, :T] = b.ids, b.mask
-            labels = torch.full((B, self.length), -100, dtype=torch.long)
+            labels = torch.full((B, self.length), -100, dtype=torch.long, device=dev)
             labels[b.answer_rows, b.answer_pos + 1] = b.answer_ids  # HF shifts labels by one itself
             self.cache[key] = (ids, mask, labels)
         return self.cache[key]
@@ -131,8 +131,8 @@ class Peft:
         for s in range(0, len(examples), batch_size):
             rows = [self.primer._tokens(e.input, False) for e in examples[s:s + batch_size]]
             T = max(map(len, rows))
-            ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+            ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=self.primer.backbone.device)
+            mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=self.primer.backbone.device)
             gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=pad)
             for text in self.tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True):

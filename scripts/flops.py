@@ -3,7 +3,10 @@ paper's loop (bench/reference.py)? torch.utils.flop_counter's formulas count eve
 multiply and attention call (attention through the math kernel), forward and backward (second
 order included), on the bench's first meta-batches (3 outer steps of 2 episodes, SmolLM2-135M
 fp32, prompt 20 or as given, input cap 64). This is the work each side must do: at equal speed
-per operation, its ratio is the most either could gain.
+per operation, its ratio is the most either could gain. It also counts the operators each side
+dispatches (each one at least a kernel launch on a GPU, where a 135M model's small batches
+leave the time to launches and Python rather than arithmetic), one episode at a time and, for
+primer, a meta-batch of 2 episodes in one forward (--batch-episodes).
 
   .venv/bin/python scripts/flops.py [prompt length]
 """
@@ -33,33 +36,38 @@ class Flops(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.total = 0
+        self.total = self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.ops += 1
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **(kwargs or {}), out_val=out)
         return out
 
 
-def count(work) -> float:
+def count(work) -> Flops:
     # the math attention kernel: torch has no FLOP formula for the CPU flash kernel
     with sdpa_kernel([SDPBackend.MATH]), Flops() as counter:
         work()
-    return counter.total
+    return counter
 
 
 print(f"prompt {length}, static length {s.static_length}\n\n"
-      "| algorithm | episodes | primer GFLOP | paper-loop+higher GFLOP | ratio |\n|---|---|---|---|---|")
+      "| algorithm | episodes | primer GFLOP | paper-loop+higher GFLOP | ratio | operators per episode: primer, "
+      "primer 2 in one forward, paper-loop+higher |\n|---|---|---|---|---|---|")
 for algorithm in ("maml", "fomaml", "reptile"):
     cfg = UpstreamConfig(algorithm=algorithm, inner_lr=s.inner_lr).resolved()
     episodes = [TaskEpisodes(s.sources, cfg.seed).episode(i, *cfg.episode_sizes()) for i in range(6)]
-    ours = count(lambda: [ALGORITHMS[algorithm].grad(s.model, init, [e], cfg.inner_lr, cfg.inner_steps) for e in episodes])
+    grad = lambda group: ALGORITHMS[algorithm].grad(s.model, init, group, cfg.inner_lr, cfg.inner_steps)  # noqa: E731
+    ours = count(lambda: [grad([e]) for e in episodes])
+    batched = count(lambda: [grad(episodes[i:i + 2]) for i in range(0, 6, 2)])
     if algorithm == "reptile":
         ref = lambda e: reference.reptile_grad(loss, init, e.support, cfg.inner_lr, cfg.inner_steps, cfg.inner_batch_size)  # noqa: E731
     else:
         ref = lambda e: reference.maml_grad(loss, init, e.support, e.query, cfg.inner_lr, cfg.inner_steps,  # noqa: E731
                                             first_order=algorithm == "fomaml")
     theirs = count(lambda: [ref(e) for e in episodes])
-    print(f"| {algorithm} | 6 | {ours / 1e9:.0f} | {theirs / 1e9:.0f} | {theirs / ours:.2f}× |", flush=True)
+    print(f"| {algorithm} | 6 | {ours.total / 1e9:.0f} | {theirs.total / 1e9:.0f} | {theirs.total / ours.total:.2f}× | "
+          f"{ours.ops / 6:,.0f}, {batched.ops / 6:,.0f}, {theirs.ops / 6:,.0f} |", flush=True)

@@ -69,3 +69,23 @@ def test_an_unknown_part_is_named_with_the_accepted_ones(capsys):
     with pytest.raises(SystemExit):
         parse(["--parts", "meta,speed"])
     assert "unknown part(s) speed; accepted: meta, pt, eval, api" in capsys.readouterr().err
+
+
+def test_an_unknown_algorithm_is_named_with_the_accepted_ones(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        parse(["--algorithms", "maml,anil"])
+    assert "unknown algorithm(s) anil; accepted: maml, fomaml, reptile" in capsys.readouterr().err
+
+
+def test_a_figure_that_fails_is_named_and_the_others_still_run(tmp_path, capfd):
+    # each figure runs in its own process; a backbone that cannot load fails every one of them,
+    # and each failure is reported, in the JSON lines, the table and the exit status
+    missing = str(tmp_path / "no-such-backbone")
+    assert main(["--smoke", "--backbone", missing, "--parts", "meta,pt", "--algorithms", "fomaml"]) == 1
+    out, err = capfd.readouterr()  # the figures' processes write to the same descriptors
+    failed = [d["figure"] for d in map(json.loads, out.splitlines()) if d["impl"] == "FAILED"]
+    assert failed == ["meta/fomaml", "pt"]
+    assert "| pt | FAILED | — | — | exit_status 1 |" in err
+    assert "BackboneError: unknown backbone" in err and "no-such-backbone" in err  # each one's traceback
