@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -116,3 +118,22 @@ def measure(work: Callable[[], int], device: torch.device, warmup: int, repeats:
     with live_resident_set() if device.type == "cpu" else contextlib.nullcontext(), PeakMemory(device) as mem:
         work()
     return Timing(items / statistics.median(seconds), seconds, items, mem.peak / 2**20)
+
+
+class Dispatched(TorchDispatchMode):
+    """Inside: every operator dispatched is counted (`ops`: each at least a kernel launch on a
+    GPU), and its floating-point work by torch's own formulas (`flops`,
+    torch.utils.flop_counter). Not FlopCounterMode itself: its per-module hooks fail on the
+    reference's first-order call (autograd.grad on higher's leaf parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **(kwargs or {}), out_val=out)
+        return out

@@ -126,13 +126,13 @@ class Peft:
                         batch_size: int) -> list[str]:
         """Greedy `generate` on the same input tokens primer ranks with (left-padded, as generation
         needs), then the longest option the generated text starts with, else ''."""
-        pad, out = self.tokenizer.pad_token_id, []
+        pad, dev, out = self.tokenizer.pad_token_id, self.primer.backbone.device, []
         by_length = sorted(options, key=len, reverse=True)
         for s in range(0, len(examples), batch_size):
             rows = [self.primer._tokens(e.input, False) for e in examples[s:s + batch_size]]
             T = max(map(len, rows))
-            ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=self.primer.backbone.device)
-            mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=self.primer.backbone.device)
+            ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=dev)
+            mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=dev)
             gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       do_sample=False, pad_token_id=pad)
             for text in self.tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True):

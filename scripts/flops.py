@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 from bench import reference  # noqa: E402
 from bench.__main__ import parse, setup  # noqa: E402
+from bench.measure import Dispatched  # noqa: E402
 from core.algorithms.episodes import TaskEpisodes  # noqa: E402
 from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
 
@@ -29,27 +28,9 @@ init = s.model.prompt.detach().clone()
 loss = reference.PaperLoss(s.ref, s.static_length)
 
 
-class Flops(TorchDispatchMode):
-    """torch's own FLOP formulas (torch.utils.flop_counter) over every op dispatched inside.
-    Not FlopCounterMode itself: its per-module hooks fail on the reference's first-order call
-    (autograd.grad on higher's leaf parameters)."""
-
-    def __init__(self):
-        super().__init__()
-        self.total = self.ops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops += 1
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.total += formula(*args, **(kwargs or {}), out_val=out)
-        return out
-
-
-def count(work) -> Flops:
+def count(work) -> Dispatched:
     # the math attention kernel: torch has no FLOP formula for the CPU flash kernel
-    with sdpa_kernel([SDPBackend.MATH]), Flops() as counter:
+    with sdpa_kernel([SDPBackend.MATH]), Dispatched() as counter:
         work()
     return counter
 
@@ -69,5 +50,5 @@ for algorithm in ("maml", "fomaml", "reptile"):
         ref = lambda e: reference.maml_grad(loss, init, e.support, e.query, cfg.inner_lr, cfg.inner_steps,  # noqa: E731
                                             first_order=algorithm == "fomaml")
     theirs = count(lambda: [ref(e) for e in episodes])
-    print(f"| {algorithm} | 6 | {ours.total / 1e9:.0f} | {theirs.total / 1e9:.0f} | {theirs.total / ours.total:.2f}× | "
+    print(f"| {algorithm} | 6 | {ours.flops / 1e9:.0f} | {theirs.flops / 1e9:.0f} | {theirs.flops / ours.flops:.2f}× | "
           f"{ours.ops / 6:,.0f}, {batched.ops / 6:,.0f}, {theirs.ops / 6:,.0f} |", flush=True)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 from bench.__main__ import parse, setup  # noqa: E402
+from bench.measure import Dispatched  # noqa: E402
 from core.algorithms.episodes import TaskEpisodes  # noqa: E402
 from core.algorithms.maml import maml_grad  # noqa: E402
 from core.algorithms.upstream import UpstreamConfig  # noqa: E402
@@ -35,16 +35,6 @@ def fused(m):
     return lambda x: F.rms_norm(x, (x.shape[-1],), m.weight, m.variance_epsilon)
 
 
-class Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
 def run() -> torch.Tensor:
     return sum(maml_grad(model, init, [e], cfg.inner_lr, cfg.inner_steps)[0] for e in episodes)
 
@@ -58,7 +48,7 @@ results = {}
 for name in ("transformers", "fused"):
     for m, f in zip(norms, plain):
         m.forward = f if name == "transformers" else fused(m)
-    with Ops() as ops:
+    with Dispatched() as ops:
         grad = run()
     seconds = []
     for _ in range(4):
@@ -67,7 +57,7 @@ for name in ("transformers", "fused"):
         run()
         sync()
         seconds.append(time.perf_counter() - start)
-    results[name] = (ops.n / len(episodes), statistics.median(seconds[1:]) / len(episodes), grad)
+    results[name] = (ops.ops / len(episodes), statistics.median(seconds[1:]) / len(episodes), grad)
 diff = float((results["fused"][2] - results["transformers"][2]).norm() / results["transformers"][2].norm())
 print(f"{len(norms)} RMSNorm modules, {init.device}, {s.dtypes[0]}\n\n"
       "| RMSNorm | operators per episode | s per episode |\n|---|---|---|")
