@@ -368,9 +368,10 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
         if runs > most:  # counted before core.jobs.units lists them: a million runs would be a million rows
             raise unprocessable(["body", "downstream"], f"the job asks for {runs} downstream runs (targets x methods x "
                                                         f"seeds x learning rates); accepted: at most {most} per job")
+        units = core_jobs.units(spec)
         try:
             job, created = store.create_job(owner=key.id, name=spec.name, spec=spec.model_dump(mode="json"),
-                                            spec_hash=core_jobs.spec_hash(body), units=core_jobs.units(spec),
+                                            spec_hash=core_jobs.spec_hash(body), units=units,
                                             idempotency_key=idempotency_key)
         except IdempotencyConflict as e:
             raise HTTPException(409, f"Idempotency-Key {idempotency_key!r} was already used for job {e.job_id} "
@@ -384,7 +385,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
             log.exception("could not enqueue job %s", job.id)
             store.add_event(job.id, f"the broker could not be reached ({type(e).__name__}); the job stays queued "
                                     "and is sent to the workers when the broker is back")
-        return view(job)
+        return view(job, (0, sum(units.values())))  # a new job has done no step: no need to ask the store
 
     @app.get("/jobs", response_model=S.JobList, tags=["jobs"])
     def list_jobs(key=Depends(auth), status: Literal[STATUSES] | None = None, cursor: str | None = None,

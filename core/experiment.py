@@ -186,7 +186,8 @@ class Prepared:
     model: SoftPromptModel
 
 
-def prepare(spec: JobSpec, emit: Progress) -> Prepared:
+def prepare(spec: JobSpec, emit: Progress, load=None) -> Prepared:
+    """`load`: how the backbone is loaded (backbones.load; a worker passes backbones.load_kept)."""
     # Tasks first: a bad task name fails before minutes go into loading a model.
     targets = {ref.name: load_task(ref, spec.downstream.shots) for ref in spec.targets}
     splits = {name: target_splits(task, spec) for name, task in targets.items()}
@@ -199,7 +200,7 @@ def prepare(spec: JobSpec, emit: Progress) -> Prepared:
             infos[ref.name] = source.info
 
     emit({"phase": "load", "step": 0, "total": 1, "backbone": spec.backbone})
-    backbone = backbones.load(spec.backbone, device=settings().torch_device(), dtype=backbones.DTYPES[spec.precision])
+    backbone = (load or backbones.load)(spec.backbone, device=settings().torch_device(), dtype=backbones.DTYPES[spec.precision])
     p = spec.prompt
     init = init_prompt(backbone, p.length, p.init, p.seed, text=p.text or "", path=p.path or "")
     model = SoftPromptModel(backbone, init, max_input_tokens=spec.max_input_tokens,
@@ -241,11 +242,12 @@ def learn_inits(prep: Prepared, emit: Progress, store: Checkpoints) -> Inits:
     return Inits(inits, upstream, selection, clusters)
 
 
-def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoints | None = None) -> Results:
+def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoints | None = None,
+        load=None) -> Results:
     start = time.perf_counter()
     emit = progress or (lambda event: None)
     store = checkpoints or NoCheckpoints()
-    prep = prepare(spec, emit)
+    prep = prepare(spec, emit, load)
     learned = learn_inits(prep, emit, store)
     inits, backbone, model, targets, splits = learned.prompts, prep.backbone, prep.model, prep.targets, prep.splits
 

@@ -66,14 +66,18 @@ def check(body: dict, store, owner: str) -> JobSpec:
     if spec.upstream and spec.upstream.clustering.pseudo_label and spec.upstream.clustering.pseudo_label.prompt:
         errors.append((("upstream", "clustering", "pseudo_label"), "pseudo-labelling reads a prompt file, which "
                                                                      "the API does not accept; run it with the CLI"))
-    uploaded = {t.name for t in store.list_tasks(owner)}
     crossfit = settings().crossfit_dir
+    uploaded: set[str] | None = None  # read from the store only for a name that is not built in
     for where, ref in _task_refs(spec):
         if ref.path is not None:
             errors.append(((*where, "path"), "paths are not accepted over the API: upload the task with POST /tasks "
                                              "and name it"))
-        elif not (ref.name in packs.PACKS or ref.name in uploaded
-                  or (crossfit and ref.name in catalog.catalog() and (crossfit / ref.name).is_dir())):
+            continue
+        if ref.name in packs.PACKS or (crossfit and ref.name in catalog.catalog() and (crossfit / ref.name).is_dir()):
+            continue
+        if uploaded is None:
+            uploaded = {t.name for t in store.list_tasks(owner)}
+        if ref.name not in uploaded:
             accepted = sorted(packs.PACKS) + sorted(uploaded)
             errors.append(((*where, "name"), f"unknown task {ref.name!r}; accepted: {', '.join(accepted)}"
                                              + (" and CrossFit's tasks" if crossfit else "")))
@@ -199,13 +203,15 @@ _prepared: dict = {}  # job id -> core.experiment.Prepared; one job per worker p
 
 
 def prepared(store, job):
-    """The job's tasks, splits, backbone and model, loaded once per worker process."""
+    """The job's tasks, splits, backbone and model, loaded once per worker process; the
+    backbone is kept for the next job that runs on the same one."""
+    from core.backbones import load_kept
     from core.experiment import prepare
 
     if job.id not in _prepared:
         _prepared.clear()
         spec = materialize(store, job.owner, parse_spec(job.spec))
-        _prepared[job.id] = prepare(spec, lambda e: None)
+        _prepared[job.id] = prepare(spec, lambda e: None, load_kept)
     return _prepared[job.id]
 
 

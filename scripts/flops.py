@@ -6,9 +6,12 @@ fp32, prompt 20 or as given, input cap 64). This is the work each side must do: 
 per operation, its ratio is the most either could gain. It also counts the operators each side
 dispatches (each one at least a kernel launch on a GPU, where a 135M model's small batches
 leave the time to launches and Python rather than arithmetic), one episode at a time and, for
-primer, a meta-batch of 2 episodes in one forward (--batch-episodes).
+primer, a meta-batch of 2 episodes in one forward (--batch-episodes). Then the same for the
+bench's evaluation: primer's rank classification of 128 test examples against PEFT's greedy
+`generate` on them (batches of 32; the vocabulary-initialised prompt, where the bench tunes it
+for 30 steps first, which changes only how many tokens `generate` may stop early at).
 
-  .venv/bin/python scripts/flops.py [prompt length]
+  .venv/bin/python scripts/flops.py [prompt length] [meta,eval]
 """
 import sys
 from pathlib import Path
@@ -23,6 +26,7 @@ from core.algorithms.episodes import TaskEpisodes  # noqa: E402
 from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
 
 length = sys.argv[1] if len(sys.argv) > 1 else "20"
+parts = (sys.argv[2] if len(sys.argv) > 2 else "meta,eval").split(",")
 s = setup(parse(["--parts", "meta", "--prompt-length", length]))
 init = s.model.prompt.detach().clone()
 loss = reference.PaperLoss(s.ref, s.static_length)
@@ -35,10 +39,11 @@ def count(work) -> Dispatched:
     return counter
 
 
-print(f"prompt {length}, static length {s.static_length}\n\n"
-      "| algorithm | episodes | primer GFLOP | paper-loop+higher GFLOP | ratio | operators per episode: primer, "
-      "primer 2 in one forward, paper-loop+higher |\n|---|---|---|---|---|---|")
-for algorithm in ("maml", "fomaml", "reptile"):
+print(f"prompt {length}, static length {s.static_length}\n")
+if "meta" in parts:
+    print("| algorithm | episodes | primer GFLOP | paper-loop+higher GFLOP | ratio | operators per episode: primer, "
+          "primer 2 in one forward, paper-loop+higher |\n|---|---|---|---|---|---|")
+for algorithm in ("maml", "fomaml", "reptile") if "meta" in parts else ():
     cfg = UpstreamConfig(algorithm=algorithm, inner_lr=s.inner_lr).resolved()
     episodes = [TaskEpisodes(s.sources, cfg.seed).episode(i, *cfg.episode_sizes()) for i in range(6)]
     grad = lambda group: ALGORITHMS[algorithm].grad(s.model, init, group, cfg.inner_lr, cfg.inner_steps)  # noqa: E731
@@ -52,3 +57,15 @@ for algorithm in ("maml", "fomaml", "reptile"):
     theirs = count(lambda: [ref(e) for e in episodes])
     print(f"| {algorithm} | 6 | {ours.flops / 1e9:.0f} | {theirs.flops / 1e9:.0f} | {theirs.flops / ours.flops:.2f}× | "
           f"{ours.ops / 6:,.0f}, {batched.ops / 6:,.0f}, {theirs.ops / 6:,.0f} |", flush=True)
+
+if "eval" in parts:
+    import torch
+
+    examples, longest = s.test[:128], max(len(s.model._tokens(o, True)) for o in s.options)
+    ours = count(lambda: torch.no_grad()(s.model.rank)(examples, [s.options] * len(examples), batch_size=32))
+    peft = reference.Peft(s.ref, init, s.static_length)
+    theirs = count(lambda: peft.generate_labels(examples, s.options, max_new_tokens=longest, batch_size=32))
+    print(f"\n| evaluation | examples | primer GFLOP | peft+generate GFLOP | ratio | operators per example: primer, "
+          f"peft+generate |\n|---|---|---|---|---|---|\n| rank vs generate | {len(examples)} | {ours.flops / 1e9:.0f} | "
+          f"{theirs.flops / 1e9:.0f} | {theirs.flops / ours.flops:.2f}× | {ours.ops / len(examples):,.0f}, "
+          f"{theirs.ops / len(examples):,.0f} |")

@@ -1,11 +1,13 @@
 """Does packing a batch's rows end to end pay, and up to how many tokens per pack? Seconds for
 MAML's and FoMAML's meta-gradients on the bench's first episodes (2 and 4 rows), and for a
-prompt-tuning loss and its backward at 8 and 32 rows, with the rows packed (PACK_TOKENS as
-given) against padded rows (the prompt concatenated in front of each, or its KV cache shared
-from PROMPT_CACHE_ROWS rows on). Interleaved, median of 3 after 1 warm-up. SmolLM2-135M,
-prompt 20, the bench's source tasks and target (k-shot splits, seed 100).
+prompt-tuning loss and its backward at 8 and 32 rows, and for rank classification of the
+bench's 128 evaluation examples (batches of 32, 2 options each), with the rows packed
+(PACK_TOKENS as given) against padded rows (the prompt concatenated in front of each, or its KV
+cache shared from PROMPT_CACHE_ROWS rows on; for ranking, each input's KV cache copied per
+option). Interleaved, median of 3 after 1 warm-up. SmolLM2-135M, the bench's source tasks and
+target (k-shot splits, seed 100).
 
-  .venv/bin/python scripts/packing.py [fp32|bf16] [pack sizes, comma-separated: 128,256,512]
+  .venv/bin/python scripts/packing.py [fp32|bf16] [pack sizes: 128,256,512] [work: meta,pt,rank] [prompt length: 20]
 """
 import statistics
 import sys
@@ -21,7 +23,9 @@ from core.algorithms.maml import fomaml_grad, maml_grad  # noqa: E402
 
 dtype = sys.argv[1] if len(sys.argv) > 1 else "fp32"
 sizes = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "128,256,512").split(",")]
-s = setup(parse(["--parts", "meta", "--dtype", dtype]))  # the bench's model, sources and target
+works = (sys.argv[3] if len(sys.argv) > 3 else "meta,pt,rank").split(",")
+prompt_length = sys.argv[4] if len(sys.argv) > 4 else "20"
+s = setup(parse(["--parts", "meta", "--dtype", dtype, "--prompt-length", prompt_length]))  # the bench's model and data
 model, init = s.model, s.model.prompt.detach().clone()
 
 
@@ -35,11 +39,19 @@ def pt(rows: int):
     return lambda: model.loss(s.train[:rows], prompt).backward()
 
 
+def rank(n: int):
+    examples = s.test[:n]
+    return lambda: torch.no_grad()(model.rank)(examples, [s.options] * n, batch_size=32)
+
+
 variants = {"padded": None, **{f"packed {n}": n for n in sizes}}
 print(f"| work | rows | {' | '.join(f'{v} (s)' for v in variants)} |\n|---|---|{'---|' * len(variants)}")
-for label, rows, work in [("MAML meta-gradient, 4 episodes", 2, meta(maml_grad, 2)),
-                          ("FoMAML meta-gradient, 4 episodes", 4, meta(fomaml_grad, 4)),
-                          ("PT loss + backward", 8, pt(8)), ("PT loss + backward", 32, pt(32))]:
+rows_of = {"meta": [("MAML meta-gradient, 4 episodes", 2, lambda: meta(maml_grad, 2)),
+                    ("FoMAML meta-gradient, 4 episodes", 4, lambda: meta(fomaml_grad, 4))],
+           "pt": [("PT loss + backward", 8, lambda: pt(8)), ("PT loss + backward", 32, lambda: pt(32))],
+           "rank": [("rank classification, 128 examples", 32, lambda: rank(128))]}
+for label, rows, make in [row for w in works for row in rows_of[w]]:
+    work = make()
     seconds = {v: [] for v in variants}
     for _ in range(4):
         for name, n in variants.items():

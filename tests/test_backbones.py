@@ -13,6 +13,25 @@ def test_a_local_directory_loads_frozen_with_its_kind(tiny_dir):
         assert b.dim == 32
 
 
+def test_a_kept_backbone_is_handed_out_again_until_its_arguments_or_files_change(tmp_path):
+    import torch
+
+    from core.backbones import load_kept
+    from tests import tiny
+
+    path = str(tiny.save("causal", tmp_path / "m", seed=0))
+    first = load_kept(path)
+    assert load_kept(path) is first
+    weight = first.model.get_input_embeddings().weight.clone()
+    other = load_kept(path, dtype=torch.bfloat16)  # another precision is another model
+    assert other is not first and other.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert load_kept(path) is not first  # one kept at a time: the fp32 one was replaced
+    tiny.save("causal", tmp_path / "m", seed=1)  # new files under the same path
+    again = load_kept(path)
+    assert load_kept(path) is again
+    assert not torch.equal(again.model.get_input_embeddings().weight, weight)
+
+
 @pytest.mark.parametrize("name", ["smollm-135", "t5-large", "no such model"])
 def test_an_unknown_name_lists_what_is_accepted(name):
     with pytest.raises(BackboneError) as e:

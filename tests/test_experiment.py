@@ -178,6 +178,23 @@ def test_rerunning_with_another_spec_in_the_same_output_needs_fresh(spec_fields,
     assert store.load("upstream/maml") is None  # the other spec's checkpoints are gone
 
 
+def test_a_kept_backbone_is_left_as_it_was_found_by_every_method(spec_fields):
+    """A worker hands the backbone it loaded for one job to the next (backbones.load_kept):
+    no method, fine-tuning included, may change it in memory."""
+    from core import backbones
+    from tests.test_soft_prompt import fingerprint
+
+    spec_fields["upstream"]["methods"] = ["maml", "reptile", "mtl"]
+    spec_fields["downstream"].update(finetune=True, ft_lrs=[1e-3])
+    spec = parse_spec(spec_fields)
+    kept = backbones.load_kept(spec.backbone)
+    before = fingerprint(kept.model)
+    run(spec, load=backbones.load_kept)
+    assert backbones.load_kept(spec.backbone) is kept
+    assert fingerprint(kept.model) == before
+    assert not kept.model.training and not any(p.requires_grad for p in kept.model.parameters())
+
+
 def test_the_finetuning_baseline_trains_its_own_copy_and_is_reported(spec_fields, tmp_path):
     from tests.test_soft_prompt import fingerprint
 

@@ -182,13 +182,28 @@ def test_prompt_width_must_match_the_backbone(tiny_backbone):
         SoftPromptModel(tiny_backbone, torch.zeros(4, 7))
 
 
-@pytest.mark.parametrize("cache_rows", [1, 100], ids=["prompt KV cache shared", "prompt concatenated"])
-def test_option_scores_with_a_shared_prefix_cache_equal_full_sequences(tiny_backbone, cache_rows):
-    model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 3, "random", seed=4))
-    model.PROMPT_CACHE_ROWS = cache_rows
-    inputs = ["the movie was good and great", "awful", "what color is the sky ?"]
-    options = [("positive", "negative"), ("a bad movie", "great", "the film"), ("blue",)]
-    shared = model.option_logliks(inputs, options)
-    for text, opts, scores in zip(inputs, options, shared):
-        alone = torch.stack([model.sequence_logliks([text], [o])[0] for o in opts]).detach()
-        torch.testing.assert_close(scores, alone, atol=1e-4, rtol=1e-5)
+# How options are scored: packed with their inputs (all in one pack, or an input and its options
+# per pack), or as continuations of each input's KV cache, copied per option (with the prompt's
+# own KV cache shared, or the prompt concatenated in front of each input).
+OPTION_LAYOUTS = {"packed, one pack": dict(PACK_TOKENS=10**6), "packed, an input per pack": dict(PACK_TOKENS=1),
+                  "input cache, prompt KV cache shared": dict(PACK=False, PROMPT_CACHE_ROWS=1),
+                  "input cache, prompt concatenated": dict(PACK=False, PROMPT_CACHE_ROWS=100)}
+
+
+@pytest.mark.parametrize("prompt_length", [3, 0], ids=["prompt", "no prompt"])
+@pytest.mark.parametrize("layout", OPTION_LAYOUTS)
+def test_option_scores_equal_each_option_through_the_plain_forward(tiny_dir, layout, prompt_length):
+    from core.backbones import load
+
+    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    init = init_prompt(backbone, 3, "random", seed=4) if prompt_length else torch.zeros(0, backbone.dim)
+    model = SoftPromptModel(backbone, init, allow_empty=True)
+    for name, value in OPTION_LAYOUTS[layout].items():
+        setattr(model, name, value)
+    inputs = ["the movie was good and great", "awful", "what color is the sky ?", "hello"]
+    options = [("positive", "negative"), ("a bad movie", "great", "the film"), ("blue",), ("friend", "you see")]
+    with torch.no_grad():
+        scored = model.option_logliks(inputs, options)
+        for text, opts, scores in zip(inputs, options, scored):
+            alone = torch.stack([full_forward_logprobs(model, Example(text, (o,))).sum() for o in opts])
+            torch.testing.assert_close(scores, alone, atol=1e-4, rtol=1e-5)

@@ -85,6 +85,38 @@ def _from_pretrained(name, source, gguf, dtype, device, attn) -> Backbone:
     return freeze(Backbone(name=name, model=model, tokenizer=tokenizer, kind=kind))
 
 
+# A worker process keeps the last backbone it loaded for the next job that asks for the same one:
+# loading one is most of a short job's wait (docs/performance.md, queueing delay).
+_kept: tuple[tuple, Backbone] | None = None
+
+
+def _files(name: str) -> tuple:
+    """What a backbone's files look like now: a kept copy of a directory that has changed
+    since (a new upload under the same path) is not handed out again."""
+    path = Path(name).expanduser()
+    if name in REGISTRY:
+        path = cached_dir(name)
+    elif path.is_file():
+        path = path.parent
+    elif not path.is_dir():
+        return ()
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file()))
+
+
+def load_kept(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", attn: str = "sdpa") -> Backbone:
+    """load(), keeping the result for the next call with the same arguments and files.
+
+    One backbone at a time (a GPU worker holds one model); a different one replaces it. The
+    backbone is frozen and every method leaves it as it found it (fine-tuning trains a copy),
+    so handing the same object to the next job is safe; freeze() runs again all the same."""
+    global _kept
+    key = (name, dtype, str(device), attn, _files(name))
+    if _kept is None or _kept[0] != key:
+        _kept = None  # the old model is released before the new one is loaded
+        _kept = (key, load(name, dtype=dtype, device=device, attn=attn))
+    return freeze(_kept[1])
+
+
 def freeze(backbone: Backbone) -> Backbone:
     """Frozen: no backbone weight takes a gradient; eval mode, so no dropout noise either."""
     backbone.model.requires_grad_(False)

@@ -38,6 +38,16 @@ class Batch:
     answer_ids: torch.Tensor  # (N,) the answer token ids, flattened
 
 
+@dataclass
+class Segment:
+    """A stretch of one pack (`SoftPromptModel._run_packs`): tokens, or a prompt's vectors."""
+
+    tokens: list[int]
+    prompt: int = -1  # >= 0: this segment is prompt number `prompt`, its P vectors, and has no tokens
+    start: int = 0  # the position of its first token, as if it ran alone
+    sees: tuple[int, ...] = ()  # the earlier segments of its pack it attends to, besides itself
+
+
 def check_prompt_length(n: int) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_PROMPT_TOKENS:
         raise ValueError(f"prompt length must be an integer from 1 to {MAX_PROMPT_TOKENS}, got {n!r}")
@@ -178,6 +188,51 @@ class SoftPromptModel(nn.Module):
     PACK_TOKENS = 256
     PACK = True  # False: pad the rows instead (for comparison)
 
+    def _run_packs(self, packs: list[list[Segment]], prompts: torch.Tensor | None,
+                   cached: torch.Tensor | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+        """Causal LMs: one forward over packs of segments laid end to end, each token attending
+        (causally) to its own segment and to the segments it `sees`, at the positions the
+        segments give. A prompt segment holds prompts[s.prompt]; `cached`, a (P, d) prompt, runs
+        once in front of every pack as a shared KV cache that every token sees. Returns the last
+        hidden states (packs, S, d) and the index of each segment's first token in its pack."""
+        dev = self.backbone.device
+        P = 0 if prompts is None else prompts.shape[1]
+        ids, pos, seg, src, starts = ([] for _ in range(5))  # per pack, per token (starts: per segment)
+        M = max(map(len, packs)) + 1  # segment ids 1..M-1 in a pack; 0: padding
+        sees = torch.zeros(len(packs), M, M, dtype=torch.bool)
+        sees[:, 0, 1] = True  # a padding query attends to the first segment: a row of its softmax is not all masked
+        for k, pack in enumerate(packs):
+            for x in (ids, pos, seg, src, starts):
+                x.append([])
+            for j, s in enumerate(pack):
+                n = P if s.prompt >= 0 else len(s.tokens)
+                starts[k].append(len(ids[k]))
+                ids[k] += [0] * n if s.prompt >= 0 else s.tokens
+                pos[k] += range(s.start, s.start + n)
+                seg[k] += [j + 1] * n
+                src[k] += range(s.prompt * P + 1, s.prompt * P + P + 1) if s.prompt >= 0 else [0] * n  # 1 + vector index
+                sees[k, j + 1, [j + 1, *(i + 1 for i in s.sees)]] = True
+        S, pad = max(map(len, ids)), self.backbone.tokenizer.pad_token_id
+        t = lambda rows, fill: torch.tensor([x + [fill] * (S - len(x)) for x in rows], dtype=torch.long, device=dev)
+        ids_t, pos_t, seg_t, src_t = t(ids, pad), t(pos, 0), t(seg, 0), t(src, 0)
+        q, b = torch.arange(S, device=dev), torch.arange(len(packs), device=dev)[:, None, None]
+        allowed = (q[:, None] >= q[None, :]) & sees.to(dev)[b, seg_t[:, :, None], seg_t[:, None, :]]
+        tokens = self.backbone.embed(ids_t)
+        if P:
+            flat = torch.cat([prompts.new_zeros(1, prompts.shape[2]), prompts.reshape(-1, prompts.shape[2])])
+            tokens = torch.where((src_t > 0)[..., None], flat.to(tokens.dtype)[src_t], tokens)
+        base, cache = self.backbone.model.base_model, None
+        if cached is not None and cached.shape[0]:
+            C = cached.shape[0]
+            cache = base(inputs_embeds=cached[None].to(tokens.dtype), position_ids=torch.arange(C, device=dev)[None],
+                         use_cache=True).cache
+            cache.batch_repeat_interleave(len(packs))  # one copy per pack, not per row
+            allowed = torch.cat([allowed.new_ones(len(packs), S, C), allowed], dim=2)
+        mask = torch.zeros(allowed.shape, dtype=tokens.dtype, device=dev).masked_fill(~allowed, torch.finfo(tokens.dtype).min)
+        out = base(inputs_embeds=tokens, attention_mask=mask[:, None], position_ids=pos_t, cache=cache,
+                   use_cache=False).last_hidden_state
+        return out, starts
+
     def _packed_hidden(self, batch: Batch, prompts: torch.Tensor, owner: list[int]) -> torch.Tensor:
         """Causal LMs: the last hidden state at every answer-predicting position, (N, d), in
         Batch.answer_ids order; row r runs under prompts[owner[r]] ((E, P, d)).
@@ -187,44 +242,22 @@ class SoftPromptModel(nn.Module):
         mask), its positions counted from its prompt as if it ran alone. So each pack runs its
         group's prompt once however many rows share it, as if its keys and values were cached,
         in the same forward. Each row's last answer token (EOS) predicts nothing and is not fed."""
-        P, dev, d = prompts.shape[1], batch.ids.device, prompts.shape[2]
+        P = prompts.shape[1]
         answered = set(batch.answer_rows.tolist())
         sizes = [n - (r in answered) for r, n in enumerate(batch.mask.sum(1).tolist())]
-        ids, pos, seg, anchor, src = ([] for _ in range(5))  # per pack, per token
-        where = [(0, 0)] * len(sizes)  # each row's (pack, first index)
-        for k, pack in enumerate(plan_packs(sizes, owner, P, self.PACK_TOKENS)):
-            for x in (ids, pos, seg, anchor, src):
-                x.append([])
-            for j, (g, rows) in enumerate(pack):  # segment ids: prompts 1, 2, ...; row r -(r + 1); padding 0
+        packs, where = [], [(0, 0)] * len(sizes)  # each row's (pack, segment)
+        for k, plan in enumerate(plan_packs(sizes, owner, P, self.PACK_TOKENS)):
+            packs.append([])
+            for g, rows in plan:
                 if P:
-                    ids[k] += [0] * P
-                    pos[k] += range(P)
-                    seg[k] += [j + 1] * P
-                    anchor[k] += [j + 1] * P
-                    src[k] += range(g * P + 1, g * P + P + 1)  # 1 + the index of the prompt vector
+                    packs[k].append(Segment([], prompt=g))
+                first = len(packs[k]) - 1
                 for r in rows:
-                    n = sizes[r]
-                    where[r] = (k, len(ids[k]))
-                    ids[k] += batch.ids[r, :n].tolist()
-                    pos[k] += range(P, P + n)
-                    seg[k] += [-(r + 1)] * n
-                    anchor[k] += [j + 1 if P else -(r + 1)] * n  # the segment a row sees besides its own
-                    src[k] += [0] * n
-        S, pad = max(map(len, ids)), self.backbone.tokenizer.pad_token_id
-        t = lambda rows, fill: torch.tensor([x + [fill] * (S - len(x)) for x in rows], dtype=torch.long, device=dev)
-        ids_t, pos_t, seg_t, src_t = t(ids, pad), t(pos, 0), t(seg, 0), t(src, 0)
-        anchor_t = t([a + [a[0]] * (S - len(a)) for a in anchor], 0)  # padding attends to the first segment
-        q = torch.arange(S, device=dev)
-        allowed = ((q[:, None] >= q[None, :]) & (seg_t[:, None, :] != 0)
-                   & ((seg_t[:, None, :] == seg_t[:, :, None]) | (seg_t[:, None, :] == anchor_t[:, :, None])))
-        tokens = self.backbone.embed(ids_t)
-        if P:
-            flat = torch.cat([prompts.new_zeros(1, d), prompts.reshape(-1, d)]).to(tokens.dtype)
-            tokens = torch.where((src_t > 0)[..., None], flat[src_t], tokens)
-        mask = torch.zeros(allowed.shape, dtype=tokens.dtype, device=dev).masked_fill(~allowed, torch.finfo(tokens.dtype).min)
-        out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=mask[:, None], position_ids=pos_t,
-                                             use_cache=False).last_hidden_state
-        k, first = (torch.tensor(x, dtype=torch.long, device=dev) for x in zip(*where))
+                    where[r] = (k, len(packs[k]))
+                    packs[k].append(Segment(batch.ids[r, : sizes[r]].tolist(), start=P, sees=(first,) if P else ()))
+        out, starts = self._run_packs(packs, prompts if P else None)
+        t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
+        k, first = t([k for k, _ in where]), t([starts[k][j] for k, j in where])
         return out[k[batch.answer_rows], first[batch.answer_rows] + batch.answer_pos]
 
     def _packable(self) -> bool:
@@ -314,9 +347,59 @@ class SoftPromptModel(nn.Module):
         flat = [o for opts in options for o in opts]
         if not self.causal:
             scores = self.sequence_logliks([inputs[i] for i in rows], flat, prompt)
+        elif self._packable():
+            scores = self._packed_option_logliks(inputs, options, prompt)
         else:
             scores = self._shared_prefix_logliks(inputs, rows, flat, prompt)
         return list(scores.split([len(o) for o in options]))
+
+    def _packed_option_logliks(self, inputs: list[str], options: list[tuple[str, ...]],
+                               prompt: torch.Tensor | None) -> torch.Tensor:
+        """Causal LMs: every input and all of its options in one forward, packed end to end.
+        The prompt runs once, as a KV cache shared by the packs; in a pack each input is followed
+        by its options, each option attending to the prompt, its input and itself (a block mask)
+        at the positions it would have right after its input. So an input runs once however
+        many options it has, and nothing is copied per option. An option's first token is
+        predicted by its input's last state, shared by its options; its last (EOS) is not fed."""
+        p = self.prompt if prompt is None else prompt
+        xs = [self._tokens(t, False) for t in inputs]
+        ans = [[self._tokens(o, True) for o in opts] for opts in options]
+        sizes = [len(x) + sum(len(a) - 1 for a in opts) for x, opts in zip(xs, ans)]
+        packs, where = [], {}  # (input, -1 or option) -> (pack, segment)
+        for k, plan in enumerate(plan_packs(sizes, [0] * len(xs), 0, self.PACK_TOKENS)):
+            packs.append([])
+            for i in plan[0][1]:
+                mine = len(packs[k])  # the input's segment
+                where[i, -1] = (k, mine)
+                packs[k].append(Segment(xs[i], start=len(p)))
+                for o, a in enumerate(ans[i]):
+                    if len(a) > 1:
+                        where[i, o] = (k, len(packs[k]))
+                        packs[k].append(Segment(a[:-1], start=len(p) + len(xs[i]), sees=(mine,)))
+        out, starts = self._run_packs(packs, None, cached=p)
+        # Each predicting position once: the input's last token, then every option's fed tokens.
+        pack, index = [], []  # per predicting position
+        predictor, target, option = [], [], []  # per answer token
+        n_options = 0
+        for i, (x, opts) in enumerate(zip(xs, ans)):
+            k, j = where[i, -1]
+            pack.append(k)
+            index.append(starts[k][j] + len(x) - 1)
+            last = len(pack) - 1
+            for o, a in enumerate(opts):
+                predictor.append(last)
+                if len(a) > 1:
+                    k, j = where[i, o]
+                    predictor += range(len(pack), len(pack) + len(a) - 1)
+                    pack += [k] * (len(a) - 1)
+                    index += range(starts[k][j], starts[k][j] + len(a) - 1)
+                target += a
+                option += [n_options] * len(a)
+                n_options += 1
+        t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
+        logp = torch.log_softmax(self._head(out[t(pack), t(index)]).float(), -1)
+        lp = logp[t(predictor), t(target)]
+        return torch.zeros(n_options, device=out.device).index_add(0, t(option), lp)
 
     def _shared_prefix_logliks(self, inputs: list[str], rows: list[int], answers: list[str],
                                prompt: torch.Tensor | None) -> torch.Tensor:
