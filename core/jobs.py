@@ -199,6 +199,19 @@ class UnitRouter:
         self.reporters[unit](event)
 
 
+def preload(value: str):
+    """Load the backbone PRIMER_PRELOAD_BACKBONE names ("name" or "name:precision") and keep it
+    for this process's jobs, as their first one would."""
+    from core.backbones import DTYPES, BackboneError, load_kept
+
+    name, _, precision = value.partition(":")
+    allowed = settings().backbone_allowlist()
+    if name not in allowed or (precision or "fp32") not in DTYPES:
+        raise BackboneError(f"PRIMER_PRELOAD_BACKBONE={value!r}: accepted is an allowed backbone ({', '.join(allowed)}), "
+                            f"optionally with ':' and a precision ({', '.join(DTYPES)})")
+    return load_kept(allowed[name], device=settings().torch_device(), dtype=DTYPES[precision or "fp32"])
+
+
 _prepared: dict = {}  # job id -> core.experiment.Prepared; one job per worker process at a time
 
 

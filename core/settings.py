@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     # Backbones a job may name: registry names, or name=location pairs, comma-separated
     # (e.g. "smollm2-135m,tiny=/models/tiny"). Jobs never name a path themselves.
     backbones: str = "smollm2-135m"
+    # A backbone each worker process loads when it starts, so that its first job does not wait
+    # for it: an allowed name, optionally with the precision its jobs ask for ("smollm2-135m:bf16").
+    # Unset: a process loads a backbone at its first job. Either way it keeps the last one it
+    # loaded for the next job on the same backbone and precision.
+    preload_backbone: str = ""
     # Longest a broker waits before it hands an unacknowledged task to another worker (s);
     # must exceed the longest task.
     visibility_timeout: int = 4 * 3600

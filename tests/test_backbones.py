@@ -32,6 +32,29 @@ def test_a_kept_backbone_is_handed_out_again_until_its_arguments_or_files_change
     assert not torch.equal(again.model.get_input_embeddings().weight, weight)
 
 
+def test_a_preloaded_backbone_is_the_one_a_job_then_gets(monkeypatch, tiny_dir):
+    """PRIMER_PRELOAD_BACKBONE: a worker process loads it at start; its first job on that
+    backbone and precision gets the same object, as a prepared job asks for it."""
+    import torch
+
+    from core import jobs
+    from core.backbones import load_kept
+    from core.settings import settings
+
+    monkeypatch.setenv("PRIMER_BACKBONES", f"smollm2-135m,tiny={tiny_dir['causal']}")
+    monkeypatch.setenv("PRIMER_DEVICE", "cpu")
+    settings.cache_clear()
+    try:
+        kept = jobs.preload("tiny:bf16")
+        assert kept.model.get_input_embeddings().weight.dtype == torch.bfloat16
+        assert load_kept(str(tiny_dir["causal"]), device="cpu", dtype=torch.bfloat16) is kept
+        for bad in ("tiny:fp16", "nope", str(tiny_dir["causal"])):  # jobs never name a path either
+            with pytest.raises(BackboneError, match="accepted is an allowed backbone .*smollm2-135m, tiny.*fp32, bf16"):
+                jobs.preload(bad)
+    finally:
+        settings.cache_clear()
+
+
 @pytest.mark.parametrize("name", ["smollm-135", "t5-large", "no such model"])
 def test_an_unknown_name_lists_what_is_accepted(name):
     with pytest.raises(BackboneError) as e:

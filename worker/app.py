@@ -17,7 +17,7 @@ import threading
 from functools import lru_cache
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from core.settings import settings
 
@@ -117,6 +117,20 @@ def reconcile_forever() -> None:
                 log.warning("reconciler: %s", line)
         except Exception:  # the store or the broker is away: try again next round
             log.warning("reconciler: round failed", exc_info=True)
+
+
+@worker_process_init.connect
+def _preload(**_):
+    """In each child process, before its first task: the backbone PRIMER_PRELOAD_BACKBONE names."""
+    value = settings().preload_backbone
+    if value:
+        from core import jobs
+
+        try:
+            jobs.preload(value)
+            log.info("preloaded backbone %s", value)
+        except Exception:  # the process still serves: a job on this backbone loads it, or fails saying why
+            log.exception("could not preload backbone %s", value)
 
 
 @worker_ready.connect
