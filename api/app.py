@@ -400,7 +400,10 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
 
     @app.get("/jobs/{job_id}", response_model=S.JobOut, tags=["jobs"])
     def get_job(job_id: str, key=Depends(auth)):
-        return view(find_job(job_id, key))
+        found = store.job_with_progress(job_id, owner(key))
+        if found is None:  # another key's job is as absent as a missing one
+            raise HTTPException(404, f"no job {job_id!r}")
+        return view(*found)
 
     @app.post("/jobs/{job_id}/cancel", response_model=S.JobOut, tags=["jobs"])
     def cancel(job_id: str, key=Depends(auth)):

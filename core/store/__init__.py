@@ -77,6 +77,15 @@ def transient(e: DBAPIError) -> bool:
 _waiting = threading.local()  # inside a retrying store call on this thread
 
 
+def _progress(s, ids: list[str]) -> dict[str, tuple[int, int]]:
+    """(steps done, steps in all) of each job, in session `s`; a finished unit counts in full."""
+    steps = case((JobUnit.done, JobUnit.total), (JobUnit.step < JobUnit.total, JobUnit.step), else_=JobUnit.total)
+    q = (select(JobUnit.job_id, func.sum(steps), func.sum(JobUnit.total))
+         .where(JobUnit.job_id.in_(ids)).group_by(JobUnit.job_id))
+    found = {job_id: (int(step), int(total)) for job_id, step, total in s.execute(q)}
+    return {job_id: found.get(job_id, (0, 0)) for job_id in ids}
+
+
 def retrying(method):
     """Run a store method again while the database is away, for up to `retry_seconds`: a worker
     rides out a Postgres restart instead of failing an hours-long job. A write whose commit was
@@ -285,12 +294,16 @@ class Store:
         ids = list(job_ids)
         if not ids:
             return {}
-        steps = case((JobUnit.done, JobUnit.total), (JobUnit.step < JobUnit.total, JobUnit.step), else_=JobUnit.total)
-        q = (select(JobUnit.job_id, func.sum(steps), func.sum(JobUnit.total))
-             .where(JobUnit.job_id.in_(ids)).group_by(JobUnit.job_id))
         with self.session() as s:
-            found = {job_id: (int(step), int(total)) for job_id, step, total in s.execute(q)}
-        return {job_id: found.get(job_id, (0, 0)) for job_id in ids}
+            return _progress(s, ids)
+
+    def job_with_progress(self, job_id: str, owner: str | None = None) -> tuple[Job, tuple[int, int]] | None:
+        """get_job and job_progress in one session (one connection, one transaction)."""
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or (owner is not None and job.owner != owner):
+                return None
+            return job, _progress(s, [job_id])[job_id]
 
     # --- events ---------------------------------------------------------------------------------
     def add_event(self, job_id: str, message: str = "", kind: str = "log", name: str | None = None,
