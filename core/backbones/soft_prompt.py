@@ -174,13 +174,20 @@ class SoftPromptModel(nn.Module):
             out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                        use_cache=use_cache)
             return out, mask, P, P
-        p = p[None].to(self.backbone.model.get_input_embeddings().weight.dtype)
-        cache = base(inputs_embeds=p, position_ids=torch.arange(P, device=p.device)[None], use_cache=True).cache
-        cache.batch_repeat_interleave(B)
+        cache = self._prompt_cache(p, B)
         mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], dim=1)
         out = base(inputs_embeds=self.backbone.embed(batch.ids), attention_mask=mask,
                    position_ids=P + (batch.mask.cumsum(1) - 1).clamp(min=0), cache=cache, use_cache=use_cache)
         return out, mask, P, 0
+
+    def _prompt_cache(self, p: torch.Tensor, copies: int):
+        """The KV cache of a (P, d) prompt run alone at positions 0..P-1, one copy per row of a
+        batch of `copies`: a causal prompt's keys and values do not depend on what follows it."""
+        p = p[None].to(self.backbone.model.get_input_embeddings().weight.dtype)
+        cache = self.backbone.model.base_model(inputs_embeds=p, position_ids=torch.arange(p.shape[1], device=p.device)[None],
+                                               use_cache=True).cache
+        cache.batch_repeat_interleave(copies)
+        return cache
 
     # The longest pack (in tokens) worth forming: a pack's attention, and its elementwise work,
     # grow with the square of its length. SmolLM2-135M on 2 CPU cores (scripts/packing.py;
@@ -221,16 +228,13 @@ class SoftPromptModel(nn.Module):
         if P:
             flat = torch.cat([prompts.new_zeros(1, prompts.shape[2]), prompts.reshape(-1, prompts.shape[2])])
             tokens = torch.where((src_t > 0)[..., None], flat.to(tokens.dtype)[src_t], tokens)
-        base, cache = self.backbone.model.base_model, None
+        cache = None
         if cached is not None and cached.shape[0]:
-            C = cached.shape[0]
-            cache = base(inputs_embeds=cached[None].to(tokens.dtype), position_ids=torch.arange(C, device=dev)[None],
-                         use_cache=True).cache
-            cache.batch_repeat_interleave(len(packs))  # one copy per pack, not per row
-            allowed = torch.cat([allowed.new_ones(len(packs), S, C), allowed], dim=2)
+            cache = self._prompt_cache(cached, len(packs))  # one copy per pack, not per row
+            allowed = torch.cat([allowed.new_ones(len(packs), S, cached.shape[0]), allowed], dim=2)
         mask = torch.zeros(allowed.shape, dtype=tokens.dtype, device=dev).masked_fill(~allowed, torch.finfo(tokens.dtype).min)
-        out = base(inputs_embeds=tokens, attention_mask=mask[:, None], position_ids=pos_t, cache=cache,
-                   use_cache=False).last_hidden_state
+        out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=mask[:, None], position_ids=pos_t,
+                                             cache=cache, use_cache=False).last_hidden_state
         return out, starts
 
     def _packed_hidden(self, batch: Batch, prompts: torch.Tensor, owner: list[int]) -> torch.Tensor:
@@ -251,10 +255,10 @@ class SoftPromptModel(nn.Module):
             for g, rows in plan:
                 if P:
                     packs[k].append(Segment([], prompt=g))
-                first = len(packs[k]) - 1
+                sees = (len(packs[k]) - 1,) if P else ()  # the group's prompt
                 for r in rows:
                     where[r] = (k, len(packs[k]))
-                    packs[k].append(Segment(batch.ids[r, : sizes[r]].tolist(), start=P, sees=(first,) if P else ()))
+                    packs[k].append(Segment(batch.ids[r, : sizes[r]].tolist(), start=P, sees=sees))
         out, starts = self._run_packs(packs, prompts if P else None)
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
         k, first = t([k for k, _ in where]), t([starts[k][j] for k, j in where])
