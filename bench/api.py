@@ -187,14 +187,12 @@ def queue_delay(svc: Service, http, n: int, timeout: float = 300) -> list[dict]:
 
 
 def cancel_unfinished(store) -> None:
-    from sqlalchemy import update
+    from core.store import STATUSES, TERMINAL
 
-    from core.store import TERMINAL
-    from core.store.models import Job
-
-    with store.session.begin() as s:
-        s.execute(update(Job).where(Job.status.not_in(TERMINAL))
-                  .values(cancel_requested=True, status="cancelled", phase="cancelled"))
+    for status in set(STATUSES) - set(TERMINAL):
+        while jobs := store.list_jobs(status=status, limit=100)[0]:  # a cancelled job leaves the page
+            for job in jobs:
+                store.request_cancel(job.id)
 
 
 def untimed(figure: dict, smoke: bool) -> dict:

@@ -205,11 +205,11 @@ def preload(value: str):
     from core.backbones import DTYPES, BackboneError, load_kept
 
     name, _, precision = value.partition(":")
-    allowed = settings().backbone_allowlist()
-    if name not in allowed or (precision or "fp32") not in DTYPES:
+    precision, allowed = precision or "fp32", settings().backbone_allowlist()
+    if name not in allowed or precision not in DTYPES:
         raise BackboneError(f"PRIMER_PRELOAD_BACKBONE={value!r}: accepted is an allowed backbone ({', '.join(allowed)}), "
                             f"optionally with ':' and a precision ({', '.join(DTYPES)})")
-    return load_kept(allowed[name], device=settings().torch_device(), dtype=DTYPES[precision or "fp32"])
+    return load_kept(allowed[name], device=settings().torch_device(), dtype=DTYPES[precision])
 
 
 _prepared: dict = {}  # job id -> core.experiment.Prepared; one job per worker process at a time
