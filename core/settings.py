@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     # How long a store call waits for the database to come back (a Postgres restart) before it fails.
     db_retry_seconds: float = 30.0
+    # Connections each process keeps open to a Postgres store; a burst opens up to twice as many
+    # more, closed when it is over. Below the API's concurrent requests, connections are opened
+    # and closed all the time under load, each costing both processes a few ms.
+    db_pool_size: int = 10
     max_upload_bytes: int = 20 * 1024 * 1024
     # An uploaded task: at most this many examples (lines), each input or answer at most this
     # many characters (a backbone reads a few hundred tokens of it).

@@ -4,6 +4,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import zipfile
 
 import numpy as np
@@ -492,3 +493,42 @@ def test_cors_only_when_origins_are_set(store, env):
     settings.cache_clear()
     r = TestClient(create_app(store, [].append, lambda: True)).options("/jobs", headers=preflight)
     assert r.headers["access-control-allow-origin"] == "https://ui.example"
+
+
+def test_an_api_process_of_its_own_starts_while_the_broker_is_down_and_leaves_its_start_to_the_collector(tmp_path):
+    """uvicorn's factory path (no store handed in): the broker's first-send work is done in the
+    background at start, so a broker that is down holds nothing up and is only logged; what the
+    start loaded is frozen out of the garbage collector's full passes."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import gc, threading
+        from fastapi.testclient import TestClient
+        from api.app import create_app
+        with TestClient(create_app()) as client:
+            warming = [t for t in threading.enumerate() if t.name == "warm-broker"]
+            print("warming", bool(warming) and warming[0].is_alive())
+            print("frozen", gc.get_freeze_count())
+            print("health", client.get("/healthz").status_code)
+            warming[0].join(60)
+            print("warmed", not warming[0].is_alive())
+    """)
+    env = {**os.environ, "PRIMER_DATABASE_URL": f"sqlite:///{tmp_path / 'primer.db'}",
+           "PRIMER_BROKER_URL": "redis://127.0.0.1:1/0"}  # nothing listens on port 1
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["warming"] == "True" and lines["health"] == "200" and lines["warmed"] == "True", out.stderr
+    assert int(lines["frozen"]) > 10_000
+    assert "the broker could not be reached at start (OperationalError)" in out.stderr
+
+
+def test_each_process_keeps_the_configured_number_of_postgres_connections(pg_url, env):
+    from core.store import Store
+
+    env.setenv("PRIMER_DB_POOL_SIZE", "3")
+    settings.cache_clear()
+    store = Store(pg_url)
+    assert store.engine.pool.size() == 3 and store.engine.pool._max_overflow == 6
+    store.engine.dispose()

@@ -22,10 +22,11 @@ import weakref
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import case, create_engine, delete, event, func, or_, select, update
+from sqlalchemy import bindparam, case, create_engine, delete, event, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import sessionmaker
 
+from core.settings import settings
 from core.store.models import (ApiKey, Artifact, Checkpoint, Dispatch, Event, Job, JobUnit, MethodResult, Prompt,
                                Score, TaskFile, TaskResult, UploadedTask, now)
 
@@ -77,12 +78,21 @@ def transient(e: DBAPIError) -> bool:
 _waiting = threading.local()  # inside a retrying store call on this thread
 
 
+# The statements of the API's hot paths (every request's key lookup, POST /jobs, GET /jobs/{id}),
+# built once and run through SQLAlchemy Core: building a statement per call and the ORM's unit
+# of work took about half of these calls' CPU time (docs/performance.md, "The service").
+_STEPS = case((JobUnit.done, JobUnit.total), (JobUnit.step < JobUnit.total, JobUnit.step), else_=JobUnit.total)
+_PROGRESS = (select(JobUnit.job_id, func.sum(_STEPS), func.sum(JobUnit.total))
+             .where(JobUnit.job_id.in_(bindparam("ids", expanding=True))).group_by(JobUnit.job_id))
+_KEY_BY_HASH = select(ApiKey.__table__).where(ApiKey.hash == bindparam("digest"), ApiKey.revoked_at.is_(None))
+_JOB_BY_ID = select(Job.__table__).where(Job.id == bindparam("job_id"))
+_NEW_JOB, _NEW_UNITS, _NEW_DISPATCH = insert(Job.__table__), insert(JobUnit.__table__), insert(Dispatch.__table__)
+
+
 def _progress(s, ids: list[str]) -> dict[str, tuple[int, int]]:
-    """(steps done, steps in all) of each job, in session `s`; a finished unit counts in full."""
-    steps = case((JobUnit.done, JobUnit.total), (JobUnit.step < JobUnit.total, JobUnit.step), else_=JobUnit.total)
-    q = (select(JobUnit.job_id, func.sum(steps), func.sum(JobUnit.total))
-         .where(JobUnit.job_id.in_(ids)).group_by(JobUnit.job_id))
-    found = {job_id: (int(step), int(total)) for job_id, step, total in s.execute(q)}
+    """(steps done, steps in all) of each job, in session or connection `s`; a finished unit
+    counts in full."""
+    found = {job_id: (int(step), int(total)) for job_id, step, total in s.execute(_PROGRESS, {"ids": ids})}
     return {job_id: found.get(job_id, (0, 0)) for job_id in ids}
 
 
@@ -122,7 +132,8 @@ class Store:
             path = url.removeprefix("sqlite:///")
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, pool_pre_ping=True,
+        pool = {} if sqlite else {"pool_size": settings().db_pool_size, "max_overflow": 2 * settings().db_pool_size}
+        self.engine = create_engine(url, pool_pre_ping=True, **pool,
                                     connect_args={"timeout": 30} if sqlite else {})
         if sqlite:  # foreign keys and a journal that lets readers and one writer work together
             @event.listens_for(self.engine, "connect")
@@ -170,8 +181,9 @@ class Store:
 
     def authenticate(self, secret: str) -> ApiKey | None:
         digest = key_hash(secret)
-        with self.session() as s:
-            row = s.scalar(select(ApiKey).where(ApiKey.hash == digest, ApiKey.revoked_at.is_(None)))
+        with self.engine.connect() as c:
+            found = c.execute(_KEY_BY_HASH, {"digest": digest}).first()
+        row = None if found is None else ApiKey(**found._mapping)
         # the lookup is by hash; compare once more in constant time so no timing tells how close a guess was
         return row if row is not None and hmac.compare_digest(row.hash, digest) else None
 
@@ -193,19 +205,22 @@ class Store:
             found = self._by_idempotency(owner, idempotency_key)
             if found is not None:
                 return self._replay(found, spec_hash)
-        job = Job(id=new_id("job"), owner=owner, name=name, spec=spec, spec_hash=spec_hash,
-                  idempotency_key=idempotency_key, status="queued", phase="queued")
+        row = dict(id=new_id("job"), owner=owner, name=name, spec=spec, spec_hash=spec_hash,
+                   idempotency_key=idempotency_key, status="queued", phase="queued", error_code=None,
+                   error_message=None, cancel_requested=False, created_at=now(), started_at=None,
+                   finished_at=None, heartbeat_at=None)
         try:
-            with self.session.begin() as s:
-                s.add(job)
-                s.flush()
-                s.add_all(JobUnit(job_id=job.id, unit=u, total=t) for u, t in units.items())
+            with self.engine.begin() as c:
+                c.execute(_NEW_JOB, row)
+                if units:
+                    c.execute(_NEW_UNITS, [dict(job_id=row["id"], unit=u, step=0, total=t, done=False)
+                                           for u, t in units.items()])
         except IntegrityError:  # a concurrent request with the same key won the race
             found = self._by_idempotency(owner, idempotency_key) if idempotency_key else None
             if found is None:
                 raise
             return self._replay(found, spec_hash)
-        return job, True
+        return Job(**row), True
 
     def _by_idempotency(self, owner: str, key: str) -> Job | None:
         with self.session() as s:
@@ -298,12 +313,12 @@ class Store:
             return _progress(s, ids)
 
     def job_with_progress(self, job_id: str, owner: str | None = None) -> tuple[Job, tuple[int, int]] | None:
-        """get_job and job_progress in one session (one connection, one transaction)."""
-        with self.session() as s:
-            job = s.get(Job, job_id)
-            if job is None or (owner is not None and job.owner != owner):
+        """get_job and job_progress on one connection, in one transaction."""
+        with self.engine.connect() as c:
+            row = c.execute(_JOB_BY_ID, {"job_id": job_id}).first()
+            if row is None or (owner is not None and row.owner != owner):
                 return None
-            return job, _progress(s, [job_id])[job_id]
+            return Job(**row._mapping), _progress(c, [job_id])[job_id]
 
     # --- events ---------------------------------------------------------------------------------
     def add_event(self, job_id: str, message: str = "", kind: str = "log", name: str | None = None,
@@ -407,8 +422,10 @@ class Store:
         message_id = str(uuid.uuid4())
         if resend is None:
             try:
-                with self.session.begin() as s:
-                    s.add(Dispatch(job_id=job_id, step=step, task=task, args=args, message_id=message_id))
+                with self.engine.begin() as c:
+                    c.execute(_NEW_DISPATCH, dict(job_id=job_id, step=step, task=task, args=args, message_id=message_id,
+                                                  sent_at=now(), attempts=0, worker=None, heartbeat_at=None,
+                                                  done=False))
             except IntegrityError:  # sent already, by this or another process
                 return None
             return message_id
