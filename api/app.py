@@ -229,7 +229,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
         async def app_(scope, receive, send):
             if scope["type"] != "http":
                 return await inner(scope, receive, send)
-            start, status = time.perf_counter(), []
+            start, answered = time.perf_counter(), False
 
             def record(code: int) -> None:  # the route's template, never the raw path: ids would make a series per job
                 route = getattr(scope.get("route"), "path", "unmatched")
@@ -237,14 +237,15 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
                 latency.labels(scope["method"], route).observe(time.perf_counter() - start)
 
             async def sending(message):
+                nonlocal answered
                 if message["type"] == "http.response.start":  # timed to the response's start, as a stream may run on
-                    status.append(message["status"])
+                    answered = True
                     record(message["status"])
                 await send(message)
             try:
                 await inner(scope, receive, sending)
             finally:
-                if not status:  # raised before answering: the server answers 500
+                if not answered:  # raised before answering: the server answers 500
                     record(500)
         return app_
 

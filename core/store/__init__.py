@@ -132,7 +132,8 @@ class Store:
             path = url.removeprefix("sqlite:///")
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-        pool = {} if sqlite else {"pool_size": settings().db_pool_size, "max_overflow": 2 * settings().db_pool_size}
+        size = settings().db_pool_size
+        pool = {} if sqlite else {"pool_size": size, "max_overflow": 2 * size}
         self.engine = create_engine(url, pool_pre_ping=True, **pool,
                                     connect_args={"timeout": 30} if sqlite else {})
         if sqlite:  # foreign keys and a journal that lets readers and one writer work together
