@@ -185,7 +185,8 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
     from core.tasks.base import TaskError, TaskInfo
 
     own_store, own_broker = store is None, enqueue is None
-    store = Store(settings().db_url(), retry_seconds=DB_WAIT) if own_store else store
+    # No pre-ping: a round trip per checkout, 3 per POST /jobs; a dead connection is retried instead
+    store = Store(settings().db_url(), retry_seconds=DB_WAIT, pre_ping=False) if own_store else store
     enqueue = enqueue or _default_enqueue(store)
     broker_ping = broker_ping or _default_broker_ping
 
@@ -193,6 +194,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
     async def lifespan(_):
         if own_store:
             await run_in_threadpool(store.upgrade)
+            await run_in_threadpool(store.warm, settings().db_pool_size)
         if own_broker:  # in the background: a broker that is down must not hold up the start
             threading.Thread(target=_warm_default_sender, name="warm-broker", daemon=True).start()
         if own_store:  # the process is the API's (uvicorn's factory), not a test's or an embedder's

@@ -1,8 +1,9 @@
 """Is POST /jobs's paced p99 spiky on its own? The bench's service (real uvicorn, Postgres,
 Redis; no worker), then the bench's paced POST load (50 clients at 1 request/s each, 10 s) four
 times in a row, with no closed-loop load before: requests, p50, p99 and the slowest, in ms.
+Extra uvicorn options after the script's name (e.g. `--workers 2`).
 
-  .venv/bin/python scripts/paced_post.py
+  .venv/bin/python scripts/paced_post.py [uvicorn options]
 """
 import asyncio
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 from bench.api import Service, load, spec  # noqa: E402
 
-svc = Service("smollm2-135m")
+svc = Service("smollm2-135m", sys.argv[1:])
 try:
     _, secret = svc.store.create_key("bench")
     print("| run | requests | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|")

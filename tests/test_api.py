@@ -524,6 +524,40 @@ def test_an_api_process_of_its_own_starts_while_the_broker_is_down_and_leaves_it
     assert "the broker could not be reached at start (OperationalError)" in out.stderr
 
 
+def test_an_api_process_of_its_own_opens_its_pool_at_start_and_replaces_connections_postgres_dropped(pg_url):
+    """No pre-ping on the API's own pool (a round trip per checkout): a connection Postgres
+    dropped fails its first statement, and the request is served on a new one instead of failing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import PG_ADMIN
+
+    code = textwrap.dedent(f"""
+        from fastapi.testclient import TestClient
+        from sqlalchemy import create_engine, text
+        from api.app import create_app
+        with TestClient(create_app()) as client:
+            store = client.app.state.store
+            print("pre_ping", store.engine.pool._pre_ping)
+            print("pooled", store.engine.pool.checkedin())
+            _, secret = store.create_key("k")
+            admin = create_engine({PG_ADMIN!r}, isolation_level="AUTOCOMMIT")
+            with admin.connect() as c:  # what a Postgres restart does to every open connection
+                dropped = c.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                         "WHERE datname = :db"), {{"db": store.engine.url.database}}).scalar()
+            print("dropped", dropped)
+            print("status", client.get("/jobs", headers={{"Authorization": f"Bearer {{secret}}"}}).status_code)
+    """)
+    env = {**os.environ, "PRIMER_DATABASE_URL": pg_url, "PRIMER_BROKER_URL": "redis://127.0.0.1:1/0",
+           "PRIMER_DB_POOL_SIZE": "4"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines.get("pre_ping") == "False" and lines.get("pooled") == "4", out.stderr
+    assert int(lines["dropped"]) >= 4 and lines["status"] == "200", out.stderr
+    assert "the database is unavailable" in out.stderr  # the dropped connection was met, and retried
+
+
 def test_each_process_keeps_the_configured_number_of_postgres_connections(pg_url, env):
     from core.store import Store
 

@@ -77,10 +77,18 @@ def warm_sender() -> None:
     from kombu.common import maybe_declare
 
     app.backend  # noqa: B018 (loaded on first use)
-    with app.producer_or_acquire() as producer:
-        producer.connection.ensure_connection(max_retries=1, timeout=2)
-        for queue in QUEUES:
-            maybe_declare(app.amqp.queues[queue], producer.channel)
+    # Every producer of the pool, each with its own broker connection: the first burst of
+    # requests after a start takes several at once, and each new one cost ~30-150 ms.
+    held = []
+    try:
+        for _ in range(app.conf.broker_pool_limit or 1):
+            held.append(producer := app.producer_pool.acquire(block=True))
+            producer.connection.ensure_connection(max_retries=1, timeout=2)
+            for queue in QUEUES:
+                maybe_declare(app.amqp.queues[queue], producer.channel)
+    finally:
+        for producer in held:
+            producer.release()
 
 
 def broker_ping() -> None:

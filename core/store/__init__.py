@@ -125,7 +125,10 @@ def retrying(method):
 
 
 class Store:
-    def __init__(self, url: str, retry_seconds: float = 30.0):
+    def __init__(self, url: str, retry_seconds: float = 30.0, pre_ping: bool = True):
+        """`pre_ping`: test each pooled connection with a round trip before using it. The API
+        turns it off: a connection that died (Postgres restarted) fails its first statement,
+        is dropped with the rest of the pool, and `retrying` runs the call again on a new one."""
         self.url, self.retry_seconds = url, retry_seconds
         sqlite = url.startswith("sqlite")
         if sqlite:
@@ -134,7 +137,7 @@ class Store:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
         size = settings().db_pool_size
         pool = {} if sqlite else {"pool_size": size, "max_overflow": 2 * size}
-        self.engine = create_engine(url, pool_pre_ping=True, **pool,
+        self.engine = create_engine(url, pool_pre_ping=pre_ping, **pool,
                                     connect_args={"timeout": 30} if sqlite else {})
         if sqlite:  # foreign keys and a journal that lets readers and one writer work together
             @event.listens_for(self.engine, "connect")
@@ -143,6 +146,11 @@ class Store:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA busy_timeout=30000")
         self.session = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads of the API's hot paths run without a transaction: with one, psycopg sends BEGIN
+        # and ROLLBACK as round trips of their own (3 for one SELECT), and the ROLLBACK drops the
+        # connection's prepared statements. Each statement has its own snapshot either way (READ
+        # COMMITTED), so nothing a transaction gave them is lost.
+        self.reads = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         # A forked child (a Celery pool process) must not share its parent's pooled connections:
         # two processes on one socket corrupt each other's transactions.
         engine = weakref.ref(self.engine)
@@ -171,6 +179,17 @@ class Store:
         with self.engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
 
+    def warm(self, connections: int) -> None:
+        """Open `connections` pooled connections and run the per-request lookups once, so that
+        the first requests of a new API process do not each pay a connection (~7 ms) and a
+        statement's first compilation: the first second after a start answered POST /jobs in
+        200-400 ms, all requests queued behind that work."""
+        held = [self.engine.connect() for _ in range(connections)]
+        for c in held:
+            c.close()
+        self.authenticate("")  # no key has this hash: compiles the lookup, finds nothing
+        self.job_with_progress("")
+
     # --- API keys -------------------------------------------------------------------------------
     def create_key(self, name: str, admin: bool = False) -> tuple[ApiKey, str]:
         """A new key; the secret is returned once and only its sha256 is stored."""
@@ -182,7 +201,7 @@ class Store:
 
     def authenticate(self, secret: str) -> ApiKey | None:
         digest = key_hash(secret)
-        with self.engine.connect() as c:
+        with self.reads.connect() as c:
             found = c.execute(_KEY_BY_HASH, {"digest": digest}).first()
         row = None if found is None else ApiKey(**found._mapping)
         # the lookup is by hash; compare once more in constant time so no timing tells how close a guess was
@@ -314,8 +333,8 @@ class Store:
             return _progress(s, ids)
 
     def job_with_progress(self, job_id: str, owner: str | None = None) -> tuple[Job, tuple[int, int]] | None:
-        """get_job and job_progress on one connection, in one transaction."""
-        with self.engine.connect() as c:
+        """get_job and job_progress on one connection."""
+        with self.reads.connect() as c:
             row = c.execute(_JOB_BY_ID, {"job_id": job_id}).first()
             if row is None or (owner is not None and row.owner != owner):
                 return None
