@@ -18,6 +18,7 @@ import re
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -73,11 +74,11 @@ UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data
                   "or one .jsonl file of {\"input\", \"output\"} objects"}}}}}}}
 
 
-def _default_enqueue(store: Store) -> Callable[[str], None]:
-    """Send new jobs to the Celery workers, recording each in the API's own store."""
+def _default_enqueue(job_id: str, message_id: str) -> None:
+    """Send a new job to the Celery workers."""
     from worker.app import enqueue
 
-    return lambda job_id: enqueue(job_id, store)
+    enqueue(job_id, message_id)
 
 
 def _warm_default_sender() -> None:
@@ -176,7 +177,7 @@ def too_long(parts: dict[str, list], most: int) -> str | None:
     return None
 
 
-def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None = None,
+def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] | None = None,
                broker_ping: Callable[[], object] | None = None) -> FastAPI:
     from core import jobs as core_jobs
     from core.spec import SpecError
@@ -187,7 +188,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
     own_store, own_broker = store is None, enqueue is None
     # No pre-ping: a round trip per checkout, 3 per POST /jobs; a dead connection is retried instead
     store = Store(settings().db_url(), retry_seconds=DB_WAIT, pre_ping=False) if own_store else store
-    enqueue = enqueue or _default_enqueue(store)
+    enqueue = enqueue or _default_enqueue
     broker_ping = broker_ping or _default_broker_ping
 
     @asynccontextmanager
@@ -408,11 +409,11 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
         if runs > most:  # counted before core.jobs.units lists them: a million runs would be a million rows
             raise unprocessable(["body", "downstream"], f"the job asks for {runs} downstream runs (targets x methods x "
                                                         f"seeds x learning rates); accepted: at most {most} per job")
-        units = core_jobs.units(spec)
-        try:
+        units, message_id = core_jobs.units(spec), str(uuid.uuid4())
+        try:  # the job, its units and its first step's dispatch record: one transaction
             job, created = store.create_job(owner=key.id, name=spec.name, spec=spec.model_dump(mode="json"),
                                             spec_hash=core_jobs.spec_hash(body), units=units,
-                                            idempotency_key=idempotency_key)
+                                            idempotency_key=idempotency_key, first=(*core_jobs.START, message_id))
         except IdempotencyConflict as e:
             raise HTTPException(409, f"Idempotency-Key {idempotency_key!r} was already used for job {e.job_id} "
                                      "with another body; send a new key to submit another job") from None
@@ -420,8 +421,8 @@ def create_app(store: Store | None = None, enqueue: Callable[[str], None] | None
             response.headers["Idempotent-Replayed"] = "true"
             return view(job)
         try:
-            enqueue(job.id)
-        except Exception as e:  # the job is stored: the workers' reconciler sends it once the broker is back
+            enqueue(job.id, message_id)
+        except Exception as e:  # recorded as sent: the workers' reconciler sends it again once the broker is back
             log.exception("could not enqueue job %s", job.id)
             store.add_event(job.id, f"the broker could not be reached ({type(e).__name__}); the job stays queued "
                                     "and is sent to the workers when the broker is back")

@@ -10,7 +10,9 @@ store), Redis (the broker) and a real Celery worker process:
    not the API fighting a training job for the CPU.
 2. Queueing delay: the broker is emptied, one worker is started, and jobs are submitted one at a
    time: POST -> the worker marks the job running (started_at) and POST -> its first training
-   step (the first upstream loss event), both from the store's timestamps.
+   step (the first upstream loss event), both from the store's timestamps. Then that worker is
+   stopped and one started with PRIMER_PRELOAD_BACKBONE: once its process has loaded the
+   backbone, one more job, whose first step no longer waits for the load.
 """
 from __future__ import annotations
 
@@ -87,24 +89,39 @@ class Service:
         else:
             raise RuntimeError(f"the API did not answer /healthz at {self.url} within 30 s")
 
-    def _spawn(self, argv: list[str]) -> subprocess.Popen:
-        return subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    def _spawn(self, argv: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+        with open(log or os.devnull, "w") as out:
+            return subprocess.Popen(argv, env=env or self.env, stdout=out, stderr=out, start_new_session=True)
 
-    def start_worker(self) -> None:
+    def start_worker(self, preload: bool = False, timeout: float = 300) -> float | None:
+        """One Celery worker; with `preload`, one whose process loads the backbone at start,
+        waited for: the seconds from its start to the backbone loaded."""
+        env, log, t = self.env, None, time.monotonic()
+        if preload:
+            env, log = self.env | {"PRIMER_PRELOAD_BACKBONE": self.backbone}, Path(self.tmp.name) / "preload.log"
         self.procs.append(self._spawn([sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q",
-                                       "upstream,downstream", "--concurrency", "1", "-n", "bench@%h"]))
+                                       "upstream,downstream", "--concurrency", "1", "-n", f"bench{len(self.procs)}@%h",
+                                       "--loglevel", "info"], env, log))
+        while preload and "preloaded backbone" not in log.read_text():
+            if self.procs[-1].poll() is not None or time.monotonic() - t > timeout:
+                raise RuntimeError(f"the worker did not preload {self.backbone} within {timeout} s:\n"
+                                   + log.read_text()[-2000:])
+            time.sleep(0.1)
+        return time.monotonic() - t if preload else None
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
     def close(self) -> None:
         from sqlalchemy import text
 
         for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            self.stop(proc)
         self.store.engine.dispose()
         with self.admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)'))
@@ -158,7 +175,7 @@ async def load(url: str, secret: str, clients: int, seconds: float, request, rat
             "max_ms": round(max(ms), 1), "errors": sum(errors.values()), "error_kinds": errors}
 
 
-def queue_delay(svc: Service, http, n: int, timeout: float = 300) -> list[dict]:
+def queue_delay(svc: Service, http, n: int, timeout: float = 300, offset: int = 0) -> list[dict]:
     """Submit n jobs one after another to an idle worker; seconds from POST to running, to step 1,
     and from step 1 to step 2."""
     from sqlalchemy import select
@@ -174,7 +191,7 @@ def queue_delay(svc: Service, http, n: int, timeout: float = 300) -> list[dict]:
 
     out = []
     for i in range(n):
-        r = http.post("/jobs", json=spec(svc.backbone, 10_000_000 + i))
+        r = http.post("/jobs", json=spec(svc.backbone, 10_000_000 + offset + i))
         r.raise_for_status()
         job_id, deadline = r.json()["id"], time.monotonic() + timeout
         while True:
@@ -207,7 +224,7 @@ def cancel_unfinished(store) -> None:
 def untimed(figure: dict, smoke: bool) -> dict:
     """The smoke run reports no time-based figure: they mean nothing on a busy CI machine."""
     timed = ("requests_per_s", "p50_ms", "p99_ms", "max_ms", "to_running_s", "to_first_step_s",
-             "first_job_to_first_step_s", "step_s")
+             "first_job_to_first_step_s", "step_s", "preload_s")
     return {k: (None if smoke and k in timed else v) for k, v in figure.items()}
 
 
@@ -249,5 +266,13 @@ def run(args, emit) -> None:
             "to_first_step_s": round(statistics.median(d["to_first_step_s"] for d in later), 3),
             "first_job_to_first_step_s": round(delays[0]["to_first_step_s"], 3),
             "step_s": round(statistics.median(steps), 3) if steps else None}, args.smoke)})
+
+        svc.stop(svc.procs[-1])  # a worker whose process loads the backbone before its first job
+        preload_s = svc.start_worker(preload=True)
+        with httpx.Client(base_url=svc.url, headers={"Authorization": f"Bearer {secret}"}, timeout=60) as http:
+            first, = queue_delay(svc, http, 1, offset=len(delays))
+        emit({"figure": "queueing delay, preloaded worker", "impl": "primer", "jobs": 1, **untimed({
+            "preload_s": round(preload_s, 3), "to_running_s": round(first["to_running_s"], 3),
+            "first_job_to_first_step_s": round(first["to_first_step_s"], 3)}, args.smoke)})
     finally:
         svc.close()

@@ -360,6 +360,9 @@ def aggregate(store, job_id: str) -> None:
 
 
 # --- sending steps, and sending them again -----------------------------------------------------
+START = ("start", "primer.start")  # a job's first step, and the task that runs it
+
+
 def send(store, transport, job_id: str, step: str, task: str, args: list, resend=None) -> bool:
     """Record the step in the store, then hand its message to the broker (`transport(task,
     args, message_id)`); False if it needed no message (sent before, or done). A step recorded
@@ -393,7 +396,7 @@ def reconcile(store, transport, pending: set[str] | None, lease: float | None = 
       taken `max_attempts` times, its job fails with the reason.
     - A step sent more than `grace` seconds ago, taken by no worker, whose message the broker no
       longer holds (`pending`: the ids it holds; None if unknown) is sent again.
-    - A queued job never sent (the API stopped in between) is sent; a job whose downstream runs
+    - A queued job with no step ever recorded as sent is sent; a job whose downstream runs
       are all done but whose aggregation was never sent gets it.
     """
     from core.store.models import now
@@ -408,7 +411,7 @@ def reconcile(store, transport, pending: set[str] | None, lease: float | None = 
         return (t - (at if at.tzinfo else at.replace(tzinfo=t.tzinfo))).total_seconds()
 
     for job in store.unsent_jobs(grace):
-        if send(store, transport, job.id, "start", "primer.start", [job.id]):
+        if send(store, transport, job.id, *START, [job.id]):
             did.append(f"{job.id}: stored but never sent; sent")
     for d in store.open_dispatches():
         lost = d.worker is not None and age(d.heartbeat_at) > lease

@@ -34,13 +34,18 @@ class Settings(BaseSettings):
     # Unset: a process loads a backbone at its first job. Either way it keeps the last one it
     # loaded for the next job on the same backbone and precision.
     preload_backbone: str = ""
+    # How long a worker process may take to start, its preload included, before Celery kills it
+    # as hung. Celery's own default, 4 s, is shorter than most backbones take to load: every
+    # process replacing one (after worker_max_tasks_per_child tasks, or a crash) was killed, and
+    # so was the next, and the worker ran nothing more.
+    process_start_seconds: float = 600.0
     # Longest a broker waits before it hands an unacknowledged task to another worker (s);
     # must exceed the longest task.
     visibility_timeout: int = 4 * 3600
     # Leases (docs: docs/reliability.md): a worker beats every heartbeat_seconds while it runs a
     # step; a step whose beat is older than lease_seconds is taken as lost and sent again, at most
     # max_attempts times in all. Every reconcile_seconds a worker also re-sends steps whose broker
-    # message is gone (a broker restarted without persistence) and jobs stored but never sent.
+    # message is gone (a broker restarted without persistence, a send that failed).
     heartbeat_seconds: float = 10.0
     lease_seconds: float = 120.0
     reconcile_seconds: float = 30.0

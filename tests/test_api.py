@@ -35,11 +35,11 @@ def env(monkeypatch, tiny_dir):
 
 
 class Api:
-    """A test client with one key per user, and the ids the app handed to the workers."""
+    """A test client with one key per user, and the jobs the app handed to the workers."""
 
     def __init__(self, store, broker_ping=lambda: True, **client):
-        self.store, self.queued = store, []
-        self.client = TestClient(create_app(store, self.queued.append, broker_ping), **client)
+        self.store, self.sent = store, []  # (job id, message id) handed to the workers
+        self.client = TestClient(create_app(store, lambda *sent: self.sent.append(sent), broker_ping), **client)
         self.alice_key, alice = store.create_key("alice")
         self.bob_key, bob = store.create_key("bob")
         _, root = store.create_key("ops", admin=True)
@@ -70,11 +70,14 @@ def test_every_endpoint_but_health_needs_a_valid_key(api, store):
         assert api.client.get(path).status_code == 200
 
 
-def test_a_submitted_job_is_stored_queued_and_handed_to_the_workers_once(api):
+def test_a_submitted_job_is_stored_queued_and_handed_to_the_workers_once(api, store):
     r = api.submit()
     assert r.status_code == 202
     job = r.json()
-    assert api.queued == [job["id"]]
+    assert [job_id for job_id, _ in api.sent] == [job["id"]]
+    start, = store.open_dispatches()  # stored with the job, under the message id it was sent with
+    assert (start.job_id, start.step, start.task, start.args, start.message_id) == \
+        (job["id"], "start", "primer.start", [job["id"]], api.sent[0][1])
     assert job["status"] == "queued" and job["name"] == "demo" and job["error"] is None
     assert (job["step"], job["total"], job["progress"], job["eta_seconds"]) == (0, 10, 0.0, None)
     assert job["spec"]["targets"] == [{"name": "sms_spam", "path": None, "type": None, "metric": None,
@@ -98,7 +101,7 @@ def test_idempotency_key_replays_the_job_and_refuses_another_body(api):
     assert first.status_code == again.status_code == 202
     assert again.json()["id"] == first.json()["id"] and again.headers["idempotent-replayed"] == "true"
     assert "idempotent-replayed" not in first.headers
-    assert api.queued == [first.json()["id"]]  # not handed to the workers twice
+    assert [job_id for job_id, _ in api.sent] == [first.json()["id"]]  # not handed to the workers twice
 
     other = api.submit({**SPEC, "name": "other"}, headers={"Idempotency-Key": "k1"})
     assert other.status_code == 409 and first.json()["id"] in other.json()["detail"]
@@ -127,7 +130,7 @@ def test_an_invalid_spec_is_a_422_naming_the_field_and_nothing_is_written(api, b
     assert r.status_code == 422
     errors = r.json()["detail"]
     assert any(e["loc"] == loc and message in e["msg"] for e in errors), errors
-    assert api.jobs() == 0 and api.queued == []
+    assert api.jobs() == 0 and api.sent == []
 
 
 def test_a_body_over_the_limit_is_a_413(api, env):
@@ -143,7 +146,10 @@ def test_a_body_over_the_limit_is_a_413(api, env):
 
 
 def test_a_job_submitted_while_the_broker_is_down_stays_queued_until_the_reconciler_sends_it(store, env):
-    def down(job_id):
+    tried = []
+
+    def down(job_id, message_id):
+        tried.append(message_id)
         raise ConnectionError("broker unreachable")
 
     api = Api(store)
@@ -152,9 +158,11 @@ def test_a_job_submitted_while_the_broker_is_down_stays_queued_until_the_reconci
     assert r.status_code == 202 and r.json()["status"] == "queued"
     events = api.client.get(f"/jobs/{r.json()['id']}/events", headers=api.alice).json()["events"]
     assert "the broker could not be reached (ConnectionError)" in events[-1]["message"]
-    sent = []  # the broker is back: a worker's reconciler sends the job
+    sent = []  # the broker is back, without the message: a worker's reconciler sends the job again
     did = core_jobs.reconcile(store, lambda *a: sent.append(a), set(), lease=60, grace=0, max_attempts=3)
-    assert did == [f"{r.json()['id']}: stored but never sent; sent"] and sent[0][:2] == ("primer.start", [r.json()["id"]])
+    assert did == [f"{r.json()['id']} start: its message is no longer in the broker; sent again"]
+    assert sent[0][:2] == ("primer.start", [r.json()["id"]]) and sent[0][2] != tried[0]
+    assert core_jobs.reconcile(store, lambda *a: sent.append(a), {sent[0][2]}, lease=60, grace=0, max_attempts=3) == []
     assert store.get_job(r.json()["id"]).status == "queued"
 
 
@@ -452,7 +460,7 @@ def test_health_readiness_and_metrics(api, store, env):
     def broker_down():
         raise ConnectionError("redis://:secret@host")
 
-    down = TestClient(create_app(store, [].append, broker_down)).get("/readyz")
+    down = TestClient(create_app(store, lambda *_: None, broker_down)).get("/readyz")
     assert down.status_code == 503 and down.json() == {"database": "ok", "broker": "down (ConnectionError)"}
 
     job_id = api.submit().json()["id"]
@@ -479,7 +487,7 @@ def test_a_database_that_is_away_is_a_503_saying_when_to_retry(env):
     from core.store import Store
 
     away = Store("postgresql+psycopg://postgres@127.0.0.1:1/primer", retry_seconds=0)  # connection refused
-    down = TestClient(create_app(away, lambda job_id: None, lambda: True), raise_server_exceptions=False)
+    down = TestClient(create_app(away, lambda *_: None, lambda: True), raise_server_exceptions=False)
     r = down.get("/jobs", headers={"Authorization": "Bearer pk_anything"})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
     assert "the store is unavailable" in r.json()["detail"] and "same Idempotency-Key" in r.json()["detail"]
@@ -491,7 +499,7 @@ def test_cors_only_when_origins_are_set(store, env):
     assert "access-control-allow-origin" not in Api(store).client.options("/jobs", headers=preflight).headers
     env.setenv("PRIMER_CORS_ORIGINS", "https://ui.example")
     settings.cache_clear()
-    r = TestClient(create_app(store, [].append, lambda: True)).options("/jobs", headers=preflight)
+    r = TestClient(create_app(store, lambda *_: None, lambda: True)).options("/jobs", headers=preflight)
     assert r.headers["access-control-allow-origin"] == "https://ui.example"
 
 

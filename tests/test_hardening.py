@@ -169,6 +169,48 @@ with w.app.connection_for_read() as conn:  # a worker takes one: on Redis it sta
     assert out.stdout.split() == (["['m-cell',", "'m-start']"] if broker == "redis" else ["['m-cell']"])
 
 
+@pytest.mark.parametrize("start_seconds", [3.0, None])
+def test_a_worker_process_that_starts_slowly_replaces_the_last_one_unless_it_takes_too_long(tmp_path, start_seconds):
+    """Each new process takes 6 s to start (a preload). Celery kills one that has not started
+    within worker_proc_alive_timeout (its default, 4 s) when it replaces another, and then the
+    next: primer sets it from PRIMER_PROCESS_START_SECONDS (600 s), so the replacement runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import redis
+    from celery import Celery
+
+    redis.Redis(db=11).flushdb()  # on Redis (the event loop's pool; the SQLite broker's does not check)
+    env = os.environ | {"PRIMER_BROKER_URL": "redis://127.0.0.1:6379/11", "PRIMER_CACHE_DIR": str(tmp_path),
+                        "PRIMER_DATABASE_URL": f"sqlite:///{tmp_path / 'primer.db'}", "PRIMER_TEST_SLOW_START": "6",
+                        "PRIMER_RECONCILE_SECONDS": "3600"}
+    if start_seconds is not None:
+        env["PRIMER_PROCESS_START_SECONDS"] = str(start_seconds)
+    log, pids = tmp_path / "worker.log", tmp_path / "pids"
+    sender = Celery(broker=env["PRIMER_BROKER_URL"])
+    for _ in range(2):
+        sender.send_task("test.pid", args=[str(pids)], queue="downstream")
+    with open(log, "w") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "tests.slow_start", "worker", "-Q", "downstream",
+                                   "--concurrency", "1", "--loglevel", "info"], env=env, stdout=out, stderr=out,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        ran = lambda: pids.read_text().split() if pids.exists() else []  # noqa: E731
+        while len(ran()) < 2 and "Timed out waiting for UP message" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=30)
+    if start_seconds is None:
+        assert len(set(ran())) == 2, log.read_text()[-3000:]  # two tasks, two processes
+        assert "Timed out waiting for UP message" not in log.read_text()
+    else:  # what Celery's default did to every replacement: killed, the second task never run
+        assert len(ran()) == 1 and "Timed out waiting for UP message" in log.read_text()
+
+
 def test_store_calls_wait_for_a_database_that_is_away_but_not_for_a_wrong_query(tmp_path, monkeypatch):
     import psycopg
     from sqlalchemy.exc import OperationalError
@@ -365,15 +407,17 @@ def test_the_api_killed_mid_request_loses_and_duplicates_nothing(svc):
 
 
 def test_a_job_the_api_stored_but_never_sent_is_sent_by_the_reconciler(svc):
-    """As if the API died between storing a job and handing it to the broker."""
+    """As if the API died between storing a job (with its first step, as it does) and handing it
+    to the broker: the reconciler finds the step's message missing from the broker."""
     from core import jobs as core_jobs
     from core.spec import parse_spec
 
     owner = svc.store.authenticate(svc.http.headers["Authorization"].removeprefix("Bearer ")).id
     body = quick("never-sent")
     job, _ = svc.store.create_job(owner, "never-sent", parse_spec(body).model_dump(mode="json"),
-                                  core_jobs.spec_hash(body), core_jobs.units(parse_spec(body)))
-    R.count("faults", "jobs stored but never sent (API died in between)")
+                                  core_jobs.spec_hash(body), core_jobs.units(parse_spec(body)),
+                                  first=(*core_jobs.START, "never-sent-message"))
+    R.count("faults", "jobs stored but never sent (API died before the send)")
     done = svc.wait(svc.http, job.id, timeout=120)
     assert done["status"] == "succeeded", done["error"]
     R.finished(1)

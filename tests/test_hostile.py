@@ -286,7 +286,7 @@ def test_hostile_job_specs_are_a_422_naming_the_field_and_nothing_is_written(api
         assert r.json()["detail"] == [{"loc": ["backbone"], "msg": f"backbone {backbone!r} is not served here; "
                                                                    "accepted: smollm2-135m, tiny"}]
     R.count("security", "backbones off the allowlist or given as paths refused (422)", len(BACKBONES) + 1)
-    assert api.jobs() == 0 and api.queued == []
+    assert api.jobs() == 0 and api.sent == []
     assert api.submit({**SPEC, "backbone": "tiny"}).status_code == 202  # what the allowlist names goes through
 
 
@@ -533,7 +533,7 @@ def test_cors_headers_only_for_configured_origins(store, env):
     assert not any(h.startswith("access-control-") for h in r.headers)
     env.setenv("PRIMER_CORS_ORIGINS", "https://ui.example")
     settings.cache_clear()
-    r = TestClient(create_app(store, [].append, lambda: True)).options("/jobs", headers=preflight)
+    r = TestClient(create_app(store, lambda *_: None, lambda: True)).options("/jobs", headers=preflight)
     assert "access-control-allow-origin" not in r.headers  # only the configured origin is let in
 
 

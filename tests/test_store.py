@@ -17,8 +17,8 @@ from tests import reliability as R
 UNITS = {"upstream/maml": 10, "downstream/pt/sms_spam/13/0.3": 5, "downstream/maml/sms_spam/13/0.3": 5}
 
 
-def new_job(store, owner, name="job", key=None, spec_hash="h1", units=UNITS):
-    return store.create_job(owner, name, {"name": name}, spec_hash, units, idempotency_key=key)
+def new_job(store, owner, name="job", key=None, spec_hash="h1", units=UNITS, first=None):
+    return store.create_job(owner, name, {"name": name}, spec_hash, units, idempotency_key=key, first=first)
 
 
 def count(store, model, **where) -> int:
@@ -100,9 +100,9 @@ def test_an_idempotency_key_replays_its_job_per_owner(store, alice, bob):
 def test_concurrent_submissions_with_one_key_make_one_job(store, alice):
     start = threading.Barrier(8)
 
-    def submit(_):
+    def submit(i):
         start.wait()  # all at once: most lose the insert race and must find the winner's job
-        return new_job(store, alice, key="race")
+        return new_job(store, alice, key="race", first=("start", "primer.start", f"m{i}"))
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(submit, range(8)))
@@ -110,6 +110,20 @@ def test_concurrent_submissions_with_one_key_make_one_job(store, alice):
     assert sum(created for _, created in results) == 1
     assert count(store, Job, owner=alice) == 1
     assert count(store, JobUnit) == len(UNITS)
+    winner = next(i for i, (_, created) in enumerate(results) if created)
+    assert [d.message_id for d in store.open_dispatches()] == [f"m{winner}"]
+
+
+def test_a_job_and_its_first_step_are_stored_together_or_not_at_all(store, alice):
+    job, _ = new_job(store, alice, first=("start", "primer.start", "m1"))
+    start, = store.open_dispatches()
+    assert (start.job_id, start.step, start.task, start.args, start.message_id, start.worker, start.attempts) == \
+        (job.id, "start", "primer.start", [job.id], "m1", None, 0)
+    assert store.dispatch(job.id, "start", "primer.start", [job.id]) is None  # recorded: not sent twice
+    assert store.unsent_jobs(older_than=0) == []
+    with pytest.raises(IntegrityError):  # the dispatch record cannot be written (no message id)
+        new_job(store, alice, name="half", first=("start", "primer.start", None))
+    assert count(store, Job, owner=alice) == 1 and count(store, JobUnit) == len(UNITS)
 
 
 def test_pages_hold_each_job_once_newest_first_and_respect_owner_and_status(store, alice, bob):

@@ -38,6 +38,7 @@ def make_app() -> Celery:
         task_ignore_result=True,  # results go to the store
         worker_prefetch_multiplier=1,  # a worker holds one task at a time; the rest stay for others
         worker_max_tasks_per_child=50,  # a fresh process now and then (memory, CUDA state)
+        worker_proc_alive_timeout=s.process_start_seconds,  # a new process preloads its backbone first
         broker_transport_options=redis if s.broker().startswith("redis") else {},
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a broker restart is waited out, however long
@@ -63,11 +64,12 @@ def transport(task: str, args: list, message_id: str) -> None:
     app.send_task(task, args=args, task_id=message_id, queue=ROUTES[task])
 
 
-def enqueue(job_id: str, db=None) -> None:
-    """Hand a new job to the workers (the API calls this after storing it, with its own store)."""
-    from core import jobs
+def enqueue(job_id: str, message_id: str) -> None:
+    """Hand a new job to the workers: the API calls this once the job is stored with its first
+    step recorded as sent under `message_id` (Store.create_job's `first`)."""
+    from core.jobs import START
 
-    jobs.send(db or store(), transport, job_id, "start", "primer.start", [job_id])
+    transport(START[1], [job_id], message_id)
 
 
 def warm_sender() -> None:

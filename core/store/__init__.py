@@ -218,9 +218,12 @@ class Store:
 
     # --- jobs -----------------------------------------------------------------------------------
     def create_job(self, owner: str, name: str, spec: dict, spec_hash: str, units: dict[str, int],
-                   idempotency_key: str | None = None) -> tuple[Job, bool]:
+                   idempotency_key: str | None = None, first: tuple[str, str, str] | None = None
+                   ) -> tuple[Job, bool]:
         """Insert a queued job with its units of work; (job, created). The same idempotency key
-        with the same spec returns the first job; with another spec it is a conflict."""
+        with the same spec returns the first job; with another spec it is a conflict. `first`,
+        (step, task, message id), records the job's first step as sent (as `dispatch` does, with
+        the job's id as its args) in the same transaction: the caller then sends that message."""
         if idempotency_key is not None:
             found = self._by_idempotency(owner, idempotency_key)
             if found is not None:
@@ -235,6 +238,8 @@ class Store:
                 if units:
                     c.execute(_NEW_UNITS, [dict(job_id=row["id"], unit=u, step=0, total=t, done=False)
                                            for u, t in units.items()])
+                if first is not None:
+                    c.execute(_NEW_DISPATCH, self._dispatch_row(row["id"], *first[:2], [row["id"]], first[2]))
         except IntegrityError:  # a concurrent request with the same key won the race
             found = self._by_idempotency(owner, idempotency_key) if idempotency_key else None
             if found is None:
@@ -443,9 +448,7 @@ class Store:
         if resend is None:
             try:
                 with self.engine.begin() as c:
-                    c.execute(_NEW_DISPATCH, dict(job_id=job_id, step=step, task=task, args=args, message_id=message_id,
-                                                  sent_at=now(), attempts=0, worker=None, heartbeat_at=None,
-                                                  done=False))
+                    c.execute(_NEW_DISPATCH, self._dispatch_row(job_id, step, task, args, message_id))
             except IntegrityError:  # sent already, by this or another process
                 return None
             return message_id
@@ -455,6 +458,11 @@ class Store:
                 Dispatch.message_id == resend.message_id, Dispatch.attempts == resend.attempts,
             ).values(message_id=message_id, sent_at=now(), worker=None)).rowcount
         return message_id if changed else None
+
+    @staticmethod
+    def _dispatch_row(job_id: str, step: str, task: str, args: list, message_id: str) -> dict:
+        return dict(job_id=job_id, step=step, task=task, args=args, message_id=message_id, sent_at=now(),
+                    attempts=0, worker=None, heartbeat_at=None, done=False)
 
     def claim(self, job_id: str, step: str, worker: str, lease: float) -> int | None:
         """Take the lease of a step for `worker`: the number of times it has now been taken, or None
@@ -488,8 +496,9 @@ class Store:
                                   .where(Dispatch.done.is_(False), Job.status.in_(("queued", "running")))))
 
     def unsent_jobs(self, older_than: float) -> list[Job]:
-        """Queued jobs stored more than `older_than` seconds ago that were never sent (the API
-        stopped between storing a job and sending it)."""
+        """Queued jobs stored more than `older_than` seconds ago with no step ever recorded as
+        sent (stored without `first`: by an API before the job and its first step were one
+        transaction, which could stop between the two, or by hand)."""
         sent = select(Dispatch.job_id).where(Dispatch.job_id == Job.id).exists()
         with self.session() as s:
             return list(s.scalars(select(Job).where(Job.status == "queued", ~sent,
