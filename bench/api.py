@@ -111,7 +111,7 @@ class Service:
 
     def stop(self, proc: subprocess.Popen) -> None:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)  # the main process: to the group, it can hang a Celery worker
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -111,9 +111,13 @@ def launched(env, root):
     finally:
         for proc in svc.workers:
             if proc.poll() is None:
+                # SIGTERM to the main process only, as an orchestrator stops it: sent to the whole
+                # group it can kill the child holding the pool's queue lock, and the main process
+                # then waits on that lock for ever (billiard). SIGKILL to the group if it hangs anyway.
+                os.kill(proc.pid, signal.SIGTERM)
                 try:
-                    svc.kill(proc, signal.SIGTERM)
-                except subprocess.TimeoutExpired:  # cleanup only: a warm shutdown slowed past 30 s by a loaded machine
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
                     svc.kill(proc)
         svc.stop_api()
         store.engine.dispose()
