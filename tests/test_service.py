@@ -183,6 +183,8 @@ def test_a_job_runs_over_http_to_the_results_the_library_gets(service, done_job)
     results = http.get(f"/jobs/{job['id']}/results").json()
     assert {r["method"] for r in results["tasks"]} == {"pt", "maml"} and set(results["arg"]) == {"maml"}
     assert len(results["scores"]) == 2 * 2 * 2  # methods x seeds x lrs, each once
+    log = (service.logs / "worker0.log").read_text()
+    assert "succeeded in" in log and "Loading weights" not in log  # the worker's log holds no progress bars
 
     # The same spec run in-process by core.experiment gives the same numbers.
     os.environ["PRIMER_BACKBONES"] = service.env["PRIMER_BACKBONES"]

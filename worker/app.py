@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from functools import lru_cache
 
@@ -20,6 +21,10 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from core.settings import settings
+
+# A worker's log is no terminal: no download or weight-loading progress bars in it (each refresh
+# came out as a WARNING line). Set here, before a child process imports transformers.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 QUEUES = ("upstream", "downstream")
 ROUTES = {"primer.start": "upstream", "primer.cell": "downstream", "primer.aggregate": "downstream"}
