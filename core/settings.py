@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     preload_backbone: str = ""
     # How long a worker process may take to start, its preload included, before Celery kills it
     # as hung. Celery's own default, 4 s, is shorter than most backbones take to load: every
-    # process replacing one (after worker_max_tasks_per_child tasks, or a crash) was killed, and
-    # so was the next, and the worker ran nothing more.
+    # process replacing one (after worker_max_tasks_per_child tasks, or a crash) would be killed,
+    # and the next, and the worker would run nothing more.
     process_start_seconds: float = 600.0
     # Longest a broker waits before it hands an unacknowledged task to another worker (s);
     # must exceed the longest task.
