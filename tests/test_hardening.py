@@ -175,12 +175,13 @@ def test_a_worker_process_that_starts_slowly_replaces_the_last_one_unless_it_tak
     within worker_proc_alive_timeout (its default, 4 s) when it replaces another, and then the
     next: primer sets it from PRIMER_PROCESS_START_SECONDS (600 s), so the replacement runs."""
     import os
-    import signal
     import subprocess
     import sys
 
     import redis
     from celery import Celery
+
+    from tests.test_service import stop
 
     redis.Redis(db=11).flushdb()  # on Redis (the event loop's pool; the SQLite broker's does not check)
     env = os.environ | {"PRIMER_BROKER_URL": "redis://127.0.0.1:6379/11", "PRIMER_CACHE_DIR": str(tmp_path),
@@ -202,11 +203,7 @@ def test_a_worker_process_that_starts_slowly_replaces_the_last_one_unless_it_tak
         while len(ran()) < 2 and "Timed out waiting for UP message" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
-        os.kill(worker.pid, signal.SIGTERM)  # the main process only (tests/test_service.py: launched)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        stop(worker)
     if start_seconds is None:
         assert len(set(ran())) == 2, log.read_text()[-3000:]  # two tasks, two processes
         assert "Timed out waiting for UP message" not in log.read_text()

@@ -96,6 +96,18 @@ class Service:
 LEASES = {"PRIMER_HEARTBEAT_SECONDS": "1", "PRIMER_LEASE_SECONDS": "8", "PRIMER_RECONCILE_SECONDS": "2"}
 
 
+def stop(proc):
+    """Stop a Celery worker with SIGTERM to its main process only, as an orchestrator does: sent
+    to the whole group it can kill the child holding the pool's queue lock, and the main process
+    then waits on that lock for ever (billiard). SIGKILL to the group if it hangs anyway."""
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
 @contextmanager
 def launched(env, root):
     """uvicorn and one Celery worker on the store and broker `env` names, stopped afterwards."""
@@ -111,14 +123,7 @@ def launched(env, root):
     finally:
         for proc in svc.workers:
             if proc.poll() is None:
-                # SIGTERM to the main process only, as an orchestrator stops it: sent to the whole
-                # group it can kill the child holding the pool's queue lock, and the main process
-                # then waits on that lock for ever (billiard). SIGKILL to the group if it hangs anyway.
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    svc.kill(proc)
+                stop(proc)
         svc.stop_api()
         store.engine.dispose()
 
