@@ -206,6 +206,7 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
     """Run the API and workers on this machine. With no settings: SQLite store and SQLite broker
     under PRIMER_CACHE_DIR, and an admin key written to PRIMER_CACHE_DIR/api_key for the client."""
     import os
+    import signal
     import subprocess
 
     import uvicorn
@@ -221,22 +222,39 @@ def serve(host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8000),
         typer.echo(f"admin key written to {key_file}", err=True)
     logs = settings().cache_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # Each worker in a session of its own: a signal to serve's process group (a terminal's, a
+    # supervisor's) reaches serve only, which stops each worker through its main process; sent to
+    # a worker's pool processes too, it can kill the one holding the pool's lock and hang the worker.
     procs = [subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "upstream,downstream",
                                "--concurrency", "1", "-n", f"primer{i}-{os.getpid()}@%h", "--loglevel", "info"],
-                              stdout=open(logs / f"worker{i}.log", "ab"), stderr=subprocess.STDOUT)
+                              stdout=open(logs / f"worker{i}.log", "ab"), stderr=subprocess.STDOUT,
+                              start_new_session=True, preexec_fn=_stop_with_parent)
              for i in range(workers)]
     typer.echo(f"primer API on http://{host}:{port} (docs: /docs), {workers} worker(s), store {store.engine.url!r}, "
                f"worker logs in {logs}", err=True)
+    # uvicorn stops on SIGTERM, then raises it again under the handler it found: this one, so that
+    # the workers are stopped below instead of left running when serve dies of the signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run("api.app:create_app", factory=True, host=host, port=port, log_level="warning")
     finally:
         for p in procs:
-            p.terminate()
+            p.terminate()  # a warm shutdown: the step under way finishes, or is sent again later
         for p in procs:
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _stop_with_parent() -> None:
+    """In a worker serve starts, before it runs: SIGTERM when serve dies, even of SIGKILL (Linux)."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _client(url: str | None, key: str | None):

@@ -11,6 +11,7 @@ import sys
 import time
 import zipfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -318,15 +319,8 @@ def test_primer_serve_needs_no_settings_and_primer_submit_follows_a_job(tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRIMER_")} | {
         "PRIMER_CACHE_DIR": str(cache), "PRIMER_BACKBONES": f"tiny={tiny_dir['causal']}",
         "PRIMER_API_URL": f"http://127.0.0.1:{port}"}
-    serve = subprocess.Popen([sys.executable, "-m", "core.cli", "serve", "--port", str(port)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    serve = start_serve(env, port)
     try:
-        for _ in range(150):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec("embedded", steps=2)))
         done = subprocess.run([sys.executable, "-m", "core.cli", "submit", str(tmp_path / "job.yaml"), "--wait",
                                "--download", str(tmp_path / "prompts")], env=env, capture_output=True, text=True,
@@ -338,6 +332,53 @@ def test_primer_serve_needs_no_settings_and_primer_submit_follows_a_job(tmp_path
         listed = subprocess.run([sys.executable, "-m", "core.cli", "jobs", "list"], env=env, capture_output=True,
                                 text=True, timeout=60)
         assert "succeeded" in listed.stdout and "embedded" in listed.stdout
+        # How systemd (KillMode=mixed), docker and `kill` stop it: SIGTERM to its main process.
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
+        assert workers_of(serve, within=30) == []  # stopped by serve, not left running
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        serve.wait(timeout=60)
+        serve.kill()  # nothing, if it stopped
+        subprocess.run(["pkill", "-9", "-f", f"primer0-{serve.pid}@"])
+
+
+def start_serve(env: dict, port: int) -> subprocess.Popen:
+    """`primer serve` on `port`, once its API answers and its worker is ready."""
+    serve = subprocess.Popen([sys.executable, "-m", "core.cli", "serve", "--port", str(port)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = Path(env["PRIMER_CACHE_DIR"]) / "logs" / "worker0.log"
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200 and "ready." in log.read_text():
+                return serve
+        except (httpx.HTTPError, FileNotFoundError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("primer serve did not start within a minute")
+
+
+def workers_of(serve: subprocess.Popen, within: float) -> list[str]:
+    """The pids of serve's worker processes (a worker's main process and its pool's) still alive
+    after waiting up to `within` seconds for them to go."""
+    deadline = time.monotonic() + within
+    while True:
+        left = subprocess.run(["pgrep", "-f", f"primer0-{serve.pid}@"], capture_output=True, text=True).stdout.split()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def test_primer_serve_killed_outright_still_stops_its_workers(tmp_path):
+    """SIGKILL leaves serve no time to stop them: each worker asked the kernel for a SIGTERM when
+    serve dies, and shuts down on it."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIMER_")} | {"PRIMER_CACHE_DIR": str(cache)}
+    serve = start_serve(env, port)
+    try:
+        assert len(workers_of(serve, within=0)) == 2  # the worker's main process and its pool's
+        serve.kill()
+        serve.wait(timeout=10)
+        assert workers_of(serve, within=30) == []
+    finally:
+        subprocess.run(["pkill", "-9", "-f", f"primer0-{serve.pid}@"])
