@@ -44,6 +44,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inner-lr", type=float, default=3e-5)
     p.add_argument("--batch-episodes", action="store_true",
                    help="primer runs each meta-batch's episodes in one forward (upstream.batch_episodes)")
+    p.add_argument("--parallel-episodes", action="store_true",
+                   help="primer runs each meta-batch's episodes in parallel threads on a CPU (upstream.parallel_episodes)")
     p.add_argument("--meta-steps", type=int, default=3, help="outer steps per repeat")
     p.add_argument("--pt-steps", type=int, default=10, help="prompt-tuning steps per repeat")
     p.add_argument("--eval-examples", type=int, default=128)
@@ -115,7 +117,8 @@ def setup(args):
                  meta_steps=one or args.meta_steps, pt_steps=2 if args.smoke else args.pt_steps,
                  batch_size=args.batch_size, inner_lr=args.inner_lr, eval_examples=args.eval_examples,
                  smoke=args.smoke, profile=args.profile, other=other, dtypes=(args.dtype, theirs),
-                 batch_episodes=args.batch_episodes)
+                 batch_episodes=args.batch_episodes,
+                 parallel_episodes=args.parallel_episodes)
 
 
 def _ref(name: str):
@@ -129,7 +132,8 @@ def machine(args) -> dict:
 
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": args.device, "backbone": args.backbone, "dtype": args.dtype,
-            "reference_dtype": args.reference_dtype or args.dtype, "batch_episodes": args.batch_episodes}
+            "reference_dtype": args.reference_dtype or args.dtype, "batch_episodes": args.batch_episodes,
+            "parallel_episodes": args.parallel_episodes}
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -13,7 +13,7 @@ from bench import reference
 from bench.measure import Timing, measure
 from core.algorithms.episodes import TaskEpisodes
 from core.algorithms.pt import make_optimizer
-from core.algorithms.upstream import ALGORITHMS, UpstreamConfig, meta_train
+from core.algorithms.upstream import ALGORITHMS, UpstreamConfig, episode_threads, meta_grad, meta_train
 from core.backbones.soft_prompt import SoftPromptModel
 from core.tasks.base import Example, Split
 
@@ -43,6 +43,7 @@ class Setup:
     other: SoftPromptModel | None = None  # the reference implementations' backbone, if in another precision
     dtypes: tuple[str, str] = ("fp32", "fp32")  # primer's, the reference implementations'
     batch_episodes: bool = False  # primer's meta-batch in one forward
+    parallel_episodes: bool = False  # primer's episodes in parallel threads
 
     @property
     def ref(self) -> SoftPromptModel:
@@ -94,7 +95,8 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     against the paper's loop on the same episodes, after checking one meta-gradient."""
     algo = ALGORITHMS[algorithm]
     cfg = UpstreamConfig(algorithm=algorithm, steps=s.meta_steps, inner_lr=s.inner_lr, outer_lr=0.5,
-                         optimizer="adafactor", batch_episodes=s.batch_episodes).resolved()
+                         optimizer="adafactor", batch_episodes=s.batch_episodes,
+                         parallel_episodes=s.parallel_episodes).resolved()
     support, query = cfg.episode_sizes()
     episodes = TaskEpisodes(s.sources, cfg.seed)
     loss = reference.PaperLoss(s.ref, s.static_length)
@@ -106,10 +108,10 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
         return reference.maml_grad(loss, prompt, ep.support, ep.query, cfg.inner_lr, cfg.inner_steps,
                                    first_order=algorithm == "fomaml")
 
-    # the first meta-batch, as primer's loop runs it (one episode at a time, or all in one forward)
+    # the first meta-batch, as primer's loop runs it (one episode at a time, all in one forward,
+    # or in parallel threads)
     drawn = [episodes.episode(j, support, query) for j in range(cfg.meta_batch)]
-    ours = sum(algo.grad(s.model, init, group, cfg.inner_lr, cfg.inner_steps)[0]
-               for group in ([drawn] if cfg.batch_episodes else [[e] for e in drawn]))
+    ours = meta_grad(s.model, init, drawn, cfg)[0]
     theirs = sum(ref_grad(init, ep)[0] for ep in drawn)
     diff = _relative(ours, theirs)
     if not diff < s.tol("grad"):
@@ -132,8 +134,10 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
         return cfg.steps * cfg.meta_batch
 
     check = {"grad_relative_diff": float(f"{diff:.3g}")}
+    threads = episode_threads(s.model, cfg)
+    how = "batched" if cfg.batch_episodes else f"{threads} in parallel threads" if threads > 1 else "one at a time"
     emit(_line(s, f"meta/{algorithm}", "primer", _timed(s, primer_run, f"meta/{algorithm} primer"), "episodes_per_s",
-               **check, episodes="batched" if cfg.batch_episodes else "one at a time"))
+               **check, episodes=how))
     emit(_line(s, f"meta/{algorithm}", "paper-loop+higher", _timed(s, reference_run, f"meta/{algorithm} reference"), "episodes_per_s", **check))
 
 

@@ -148,7 +148,8 @@ def upstream_config(spec: JobSpec, method: str) -> UpstreamConfig:
                          inner_steps=u.inner_steps, meta_batch=u.meta_batch, inner_lr=u.inner_lr,
                          outer_lr=u.outer_lr, optimizer=u.optimizer, weight_decay=u.weight_decay,
                          grad_clip=u.grad_clip, seed=spec.prompt.seed if u.episode_seed is None else u.episode_seed,
-                         checkpoint_every=u.checkpoint_every, batch_episodes=u.batch_episodes)
+                         checkpoint_every=u.checkpoint_every, batch_episodes=u.batch_episodes,
+                         parallel_episodes=u.parallel_episodes)
     own = u.per_method.get(method)
     return dataclasses.replace(cfg, **own.model_dump(exclude_none=True)) if own else cfg
 

@@ -66,6 +66,23 @@ def test_batched_episodes_are_checked_against_the_paper_loop_one_episode_at_a_ti
         assert ours["episodes"] == "batched" and ours["grad_relative_diff"] < 1e-3
 
 
+def test_episodes_in_parallel_threads_are_checked_against_the_paper_loop(tiny_dir, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one episode per thread, whatever the machine
+    try:
+        assert main(["--smoke", "--backbone", str(tiny_dir["causal"]), "--parts", "meta", "--parallel-episodes",
+                     "--one-process"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = {(d["figure"], d["impl"]): d for d in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert lines[("machine", "-")]["parallel_episodes"] is True
+    for algorithm in ("maml", "fomaml", "reptile"):
+        ours = lines[(f"meta/{algorithm}", "primer")]
+        assert ours["episodes"] == "2 in parallel threads" and ours["grad_relative_diff"] < 1e-3
+
+
 def test_an_unknown_part_is_named_with_the_accepted_ones(capsys):
     import pytest
 

@@ -109,3 +109,51 @@ def test_episodes_batched_in_one_forward_give_the_sum_of_their_own_gradients(tin
     assert (together - summed).norm() <= 1e-4 * summed.norm()
     assert losses == pytest.approx([alone[0][1][0], alone[1][1][0]], rel=1e-5)
     assert (alone[0][0] - alone[1][0]).norm() > 0.1 * alone[0][0].norm()  # the two really differ
+
+
+@pytest.mark.parametrize("kind,algorithm", [("causal", "maml"), ("causal", "fomaml"), ("causal", "reptile"),
+                                            ("seq2seq", "maml")])
+def test_episodes_in_parallel_threads_give_the_gradient_of_one_at_a_time(tiny_dir, kind, algorithm):
+    """The meta-batch's episodes in two threads, one core each: the same summed gradient and
+    losses as one at a time, every time, and the process's threads and attention kernels as
+    they were. sdpa attention: the kernel choice is process-wide, and MAML's double backward
+    needs the math kernel in both threads until both are done."""
+    from core.algorithms.upstream import UpstreamConfig, meta_grad
+
+    backbone = load(str(tiny_dir[kind]))
+    model = SoftPromptModel(backbone, init_prompt(backbone, 4, "random", seed=1))
+    prompt = model.prompt.detach()
+
+    def cfg(parallel):
+        return UpstreamConfig(algorithm, inner_lr=0.5, inner_steps=2, meta_batch=2, parallel_episodes=parallel).resolved()
+
+    threads, kernels = torch.get_num_threads(), torch.backends.cuda.flash_sdp_enabled()
+    torch.set_num_threads(2)
+    try:
+        alone, alone_losses = meta_grad(model, prompt, [EPISODE, OTHER], cfg(False))
+        for _ in range(3):
+            together, losses = meta_grad(model, prompt, [EPISODE, OTHER], cfg(True))
+            assert (together - alone).norm() <= 1e-4 * alone.norm()  # one thread's sums, not two's
+            assert losses == pytest.approx(alone_losses, rel=1e-5)
+            assert torch.get_num_threads() == 2 and torch.backends.cuda.flash_sdp_enabled() == kernels
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_episodes_run_in_parallel_only_when_asked_and_at_most_one_per_core(tiny_dir):
+    from core.algorithms.upstream import UpstreamConfig, episode_threads
+
+    backbone = load(str(tiny_dir["causal"]))
+    model = SoftPromptModel(backbone, init_prompt(backbone, 4, "random", seed=1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for algorithm, parallel in [("maml", 2), ("metapt", 2), ("fomaml", 2), ("reptile", 2), ("mtl", 1)]:
+            assert episode_threads(model, UpstreamConfig(algorithm).resolved()) == 1, algorithm
+            assert episode_threads(model, UpstreamConfig(algorithm, parallel_episodes=True).resolved()) == parallel
+        assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True, batch_episodes=True).resolved()) == 1
+        assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True, meta_batch=4).resolved()) == 2
+        torch.set_num_threads(1)
+        assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True).resolved()) == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -3,20 +3,24 @@ one outer optimizer step per meta-batch, with progress and resumable checkpoints
 
 Each algorithm is one function (model, prompt, episodes, inner_lr, inner_steps) -> (gradient
 summed over the episodes, their losses) plus the paper's defaults for it (the MPT code's run
-scripts). The loop gives it one episode at a time, as the paper, or the whole meta-batch at once
-(`batch_episodes`).
+scripts). The loop gives it one episode at a time, as the paper; the whole meta-batch at once
+(`batch_episodes`); or, on a CPU, the episodes one each to as many threads at once, sharing the
+cores (`parallel_episodes`). All three give the same meta-gradient up to float rounding.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from core.algorithms.episodes import MixedBatches, TaskEpisodes
-from core.algorithms.maml import fomaml_grad, maml_grad
+from core.algorithms.maml import double_backward_attention, fomaml_grad, maml_grad
 from core.algorithms.mtl import mtl_grad
 from core.algorithms.pt import make_optimizer
 from core.algorithms.reptile import reptile_grad
@@ -37,16 +41,20 @@ class Algorithm:
     average: bool = False
     # Reptile takes a fresh support batch for each inner step; MAML reuses one.
     support_per_inner_step: bool = False
+    # Differentiates through its inner update (with the math attention kernel, chosen process-wide).
+    second_order: bool = False
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "maml": Algorithm(maml_grad, TaskEpisodes, inner_batch_size=2, inner_steps=1, meta_batch=2, uses_query=True),
+    "maml": Algorithm(maml_grad, TaskEpisodes, inner_batch_size=2, inner_steps=1, meta_batch=2, uses_query=True,
+                      second_order=True),
     "fomaml": Algorithm(fomaml_grad, TaskEpisodes, inner_batch_size=4, inner_steps=1, meta_batch=2, uses_query=True),
     "reptile": Algorithm(reptile_grad, TaskEpisodes, inner_batch_size=4, inner_steps=10, meta_batch=2,
                          uses_query=False, average=True, support_per_inner_step=True),
     "mtl": Algorithm(mtl_grad, MixedBatches, inner_batch_size=4, inner_steps=1, meta_batch=1, uses_query=False),
     # MetaPT: MAML whose "tasks" are clusters of the pooled source data (core/algorithms/metapt.py).
-    "metapt": Algorithm(maml_grad, TaskEpisodes, inner_batch_size=2, inner_steps=1, meta_batch=2, uses_query=True),
+    "metapt": Algorithm(maml_grad, TaskEpisodes, inner_batch_size=2, inner_steps=1, meta_batch=2, uses_query=True,
+                        second_order=True),
     # PPT (Gu et al. 2022), MetaPT's baseline: plain training of the prompt on the same pooled data.
     "ppt": Algorithm(mtl_grad, MixedBatches, inner_batch_size=4, inner_steps=1, meta_batch=1, uses_query=False),
 }
@@ -68,6 +76,9 @@ class UpstreamConfig:
     checkpoint_every: int = 0  # outer steps; 0: never
     # the meta-batch's episodes in one forward, one prompt copy per episode (the same gradient)
     batch_episodes: bool = False
+    # on a CPU, the episodes in parallel threads sharing the cores (the same gradient; faster for
+    # MAML, with one episode's memory per thread)
+    parallel_episodes: bool = False
 
     def resolved(self) -> "UpstreamConfig":
         a = ALGORITHMS[self.algorithm]
@@ -95,6 +106,48 @@ class UpstreamResult:
 Checkpoint = Callable[[dict], None]
 
 
+def episode_threads(model: SoftPromptModel, cfg: UpstreamConfig) -> int:
+    """How many of a resolved config's episodes run at once: 1, or up to one per CPU thread."""
+    if not cfg.parallel_episodes or cfg.batch_episodes or model.backbone.device.type != "cpu":
+        return 1
+    return max(1, min(cfg.meta_batch, torch.get_num_threads()))
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="episode")
+
+
+def meta_grad(model: SoftPromptModel, prompt: torch.Tensor, drawn: list, cfg: UpstreamConfig
+              ) -> tuple[torch.Tensor, list[float]]:
+    """The meta-batch's gradient (the algorithm's sum over its episodes) and the episodes' losses,
+    one episode at a time, all in one forward (`batch_episodes`) or in parallel threads."""
+    algo = ALGORITHMS[cfg.algorithm]
+    if cfg.batch_episodes:
+        return algo.grad(model, prompt, drawn, cfg.inner_lr, cfg.inner_steps)
+    threads = episode_threads(model, cfg)
+    if threads == 1:
+        done = [algo.grad(model, prompt, [e], cfg.inner_lr, cfg.inner_steps) for e in drawn]
+    else:
+        total = torch.get_num_threads()
+        share = max(1, total // threads)
+
+        def one(episode):
+            torch.set_num_threads(share)  # this thread's share of the cores
+            return algo.grad(model, prompt, [episode], cfg.inner_lr, cfg.inner_steps)
+
+        # The attention kernel is chosen process-wide, and MAML asks for the math kernel for its
+        # support pass (its double backward needs it): one thread's exit from that choice must not
+        # end it for the other, so it holds for all of them until the last is done.
+        torch.set_num_threads(share)
+        try:
+            with double_backward_attention() if algo.second_order else contextlib.nullcontext():
+                done = list(_pool(threads).map(one, drawn))
+        finally:
+            torch.set_num_threads(total)
+    return sum(g for g, _ in done), [loss for _, losses in done for loss in losses]
+
+
 def meta_train(model: SoftPromptModel, sources: dict[str, list[Split]], init: torch.Tensor,
                cfg: UpstreamConfig, progress: Callable[[dict], None] | None = None,
                checkpoint: Checkpoint | None = None, resume: dict | None = None) -> UpstreamResult:
@@ -115,12 +168,8 @@ def meta_train(model: SoftPromptModel, sources: dict[str, list[Split]], init: to
 
     start = time.perf_counter() - seconds
     for step in range(first, cfg.steps + 1):
-        grad, losses = torch.zeros_like(prompt), []
         drawn = [episodes.episode((step - 1) * cfg.meta_batch + j, support, query) for j in range(cfg.meta_batch)]
-        for group in ([drawn] if cfg.batch_episodes else [[e] for e in drawn]):
-            g, group_losses = algo.grad(model, prompt, group, cfg.inner_lr, cfg.inner_steps)
-            grad += g
-            losses += group_losses
+        grad, losses = meta_grad(model, prompt, drawn, cfg)
         prompt.grad = grad / cfg.meta_batch if algo.average else grad
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([prompt], cfg.grad_clip)

@@ -12,6 +12,7 @@ Seq2seq models take [P][input] in the encoder and the answer in the decoder.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,7 @@ class SoftPromptModel(nn.Module):
         self.max_input_tokens = max_input_tokens
         self.max_answer_tokens = max_answer_tokens
         self._tok_cache: dict[tuple[str, bool], list[int]] = {}
+        self._tok_lock = threading.Lock()
 
     # ---- tokenization -------------------------------------------------------------------
 
@@ -97,16 +99,18 @@ class SoftPromptModel(nn.Module):
     def _tokens(self, text: str, answer: bool) -> list[int]:
         key = (text, answer)
         if key not in self._tok_cache:
-            tok = self.backbone.tokenizer
-            if self.causal:
-                s = " " + text if answer else text + CAUSAL_ANSWER_CUE
-                ids = tok(s, add_special_tokens=False).input_ids
-                ids = ids[: self.max_answer_tokens] + [tok.eos_token_id] if answer else ids[-self.max_input_tokens:]
-            else:  # seq2seq tokenizers add </s> themselves
-                ids = tok(text, truncation=True,
-                          max_length=self.max_answer_tokens if answer else self.max_input_tokens).input_ids
-            self._tok_cache[key] = ids
+            with self._tok_lock:  # a fast tokenizer refuses a second thread ("Already borrowed")
+                self._tok_cache[key] = self._tokenize(text, answer)
         return self._tok_cache[key]
+
+    def _tokenize(self, text: str, answer: bool) -> list[int]:
+        tok = self.backbone.tokenizer
+        if self.causal:
+            s = " " + text if answer else text + CAUSAL_ANSWER_CUE
+            ids = tok(s, add_special_tokens=False).input_ids
+            return ids[: self.max_answer_tokens] + [tok.eos_token_id] if answer else ids[-self.max_input_tokens:]
+        # seq2seq tokenizers add </s> themselves
+        return tok(text, truncation=True, max_length=self.max_answer_tokens if answer else self.max_input_tokens).input_ids
 
     def encode(self, inputs: list[str], answers: list[str] | None) -> Batch:
         pad = self.backbone.tokenizer.pad_token_id
