@@ -123,18 +123,19 @@ class Distribution:
         return members
 
 
-def _write(src, dest: Path) -> None:
-    def copy(tmp: Path) -> None:
-        with open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+def _copy(src, dest: Path) -> None:
+    with open(dest, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
 
-    once(dest, Path.exists, copy)
+
+def _write(src, dest: Path) -> None:
+    once(dest, Path.exists, lambda tmp: _copy(src, tmp))
 
 
 def _download(url: str, dest: Path) -> None:
     try:
-        with urllib.request.urlopen(url, timeout=180) as src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+        with urllib.request.urlopen(url, timeout=180) as src:
+            _copy(src, dest)
     except OSError as e:  # URLError and HTTPError are OSErrors
         raise FetchError(f"could not download {url}: {e}") from None
 
