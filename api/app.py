@@ -306,10 +306,13 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
     def owner(key) -> str | None:
         return None if key.admin else key.id
 
+    def no_job(job_id: str) -> HTTPException:
+        return HTTPException(404, f"no job {job_id!r}")  # another key's job is as absent as a missing one
+
     def find_job(job_id: str, key):
         job = store.get_job(job_id, owner(key))
-        if job is None:  # another key's job is as absent as a missing one
-            raise HTTPException(404, f"no job {job_id!r}")
+        if job is None:
+            raise no_job(job_id)
         return job
 
     def succeeded_job(job_id: str, key):
@@ -441,9 +444,9 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
 
     @app.get("/jobs/{job_id}", response_model=S.JobOut, tags=["jobs"])
     def get_job(job_id: str, key=Depends(auth)):
-        found = store.job_with_progress(job_id, owner(key))
-        if found is None:  # another key's job is as absent as a missing one
-            raise HTTPException(404, f"no job {job_id!r}")
+        found = store.job_with_progress(job_id, owner(key))  # one query, not find_job's and then the progress
+        if found is None:
+            raise no_job(job_id)
         return view(*found)
 
     @app.post("/jobs/{job_id}/cancel", response_model=S.JobOut, tags=["jobs"])
