@@ -102,17 +102,11 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     loss = reference.PaperLoss(s.ref, s.static_length)
     init = s.model.prompt.detach().clone()
 
-    def ref_grad(prompt, ep):
-        if algorithm == "reptile":
-            return reference.reptile_grad(loss, prompt, ep.support, cfg.inner_lr, cfg.inner_steps, cfg.inner_batch_size)
-        return reference.maml_grad(loss, prompt, ep.support, ep.query, cfg.inner_lr, cfg.inner_steps,
-                                   first_order=algorithm == "fomaml")
-
     # the first meta-batch, as primer's loop runs it (one episode at a time, all in one forward,
     # or in parallel threads)
     drawn = [episodes.episode(j, support, query) for j in range(cfg.meta_batch)]
     ours = meta_grad(s.model, init, drawn, cfg)[0]
-    theirs = sum(ref_grad(init, ep)[0] for ep in drawn)
+    theirs = sum(reference.episode_grad(loss, init, ep, cfg)[0] for ep in drawn)
     diff = _relative(ours, theirs)
     if not diff < s.tol("grad"):
         raise AssertionError(f"{algorithm}: primer's meta-gradient differs from the reference's by {diff:.2e} (relative)")
@@ -127,7 +121,8 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
         for step in range(1, cfg.steps + 1):
             grad = torch.zeros_like(prompt)
             for j in range(cfg.meta_batch):
-                grad += ref_grad(prompt.detach(), episodes.episode((step - 1) * cfg.meta_batch + j, support, query))[0]
+                episode = episodes.episode((step - 1) * cfg.meta_batch + j, support, query)
+                grad += reference.episode_grad(loss, prompt.detach(), episode, cfg)[0]
             prompt.grad = grad / cfg.meta_batch if algo.average else grad
             opt.step()
             opt.zero_grad(set_to_none=True)

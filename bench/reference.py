@@ -96,6 +96,14 @@ def reptile_grad(loss: PaperLoss, prompt: torch.Tensor, support, inner_lr: float
     return (prompt.detach() - fast.detach()) / inner_lr, value.item()
 
 
+def episode_grad(loss: PaperLoss, prompt: torch.Tensor, episode, cfg) -> tuple[torch.Tensor, float]:
+    """One episode's gradient by the paper's loop for a resolved UpstreamConfig's algorithm."""
+    if cfg.algorithm == "reptile":
+        return reptile_grad(loss, prompt, episode.support, cfg.inner_lr, cfg.inner_steps, cfg.inner_batch_size)
+    return maml_grad(loss, prompt, episode.support, episode.query, cfg.inner_lr, cfg.inner_steps,
+                     first_order=cfg.algorithm == "fomaml")
+
+
 class Peft:
     """PEFT prompt tuning on the same backbone, its prompt set to primer's."""
 

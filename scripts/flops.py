@@ -49,12 +49,7 @@ for algorithm in ("maml", "fomaml", "reptile") if "meta" in parts else ():
     grad = lambda group: ALGORITHMS[algorithm].grad(s.model, init, group, cfg.inner_lr, cfg.inner_steps)  # noqa: E731
     ours = count(lambda: [grad([e]) for e in episodes])
     batched = count(lambda: [grad(episodes[i:i + 2]) for i in range(0, 6, 2)])
-    if algorithm == "reptile":
-        ref = lambda e: reference.reptile_grad(loss, init, e.support, cfg.inner_lr, cfg.inner_steps, cfg.inner_batch_size)  # noqa: E731
-    else:
-        ref = lambda e: reference.maml_grad(loss, init, e.support, e.query, cfg.inner_lr, cfg.inner_steps,  # noqa: E731
-                                            first_order=algorithm == "fomaml")
-    theirs = count(lambda: [ref(e) for e in episodes])
+    theirs = count(lambda: [reference.episode_grad(loss, init, e, cfg) for e in episodes])
     print(f"| {algorithm} | 6 | {ours.flops / 1e9:.0f} | {theirs.flops / 1e9:.0f} | {theirs.flops / ours.flops:.2f}× | "
           f"{ours.ops / 6:,.0f}, {batched.ops / 6:,.0f}, {theirs.ops / 6:,.0f} |", flush=True)
 

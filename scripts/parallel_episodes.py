@@ -32,15 +32,7 @@ for algorithm in algorithms:
     c = cfg[False]
     drawn = [TaskEpisodes(s.sources, c.seed).episode(j, *c.episode_sizes()) for j in range(c.meta_batch)]
 
-    def paper():
-        for e in drawn:
-            if algorithm == "reptile":
-                reference.reptile_grad(loss, init, e.support, c.inner_lr, c.inner_steps, c.inner_batch_size)
-            else:
-                reference.maml_grad(loss, init, e.support, e.query, c.inner_lr, c.inner_steps,
-                                    first_order=algorithm == "fomaml")
-
-    work = {"paper": paper, "alone": lambda: meta_grad(s.model, init, drawn, cfg[False]),
+    work = {"paper": lambda: [reference.episode_grad(loss, init, e, c) for e in drawn], "alone": lambda: meta_grad(s.model, init, drawn, cfg[False]),
             "parallel": lambda: meta_grad(s.model, init, drawn, cfg[True])}
     seconds = {k: [] for k in work}
     order = list(work)
