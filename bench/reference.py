@@ -11,6 +11,9 @@ the same computation the paper's wrapper module makes.
 PEFT's prompt tuning: `PromptTuningConfig` + `get_peft_model`, the standard training step of
 its examples (a tokenized batch padded to max_length, `model(**batch).loss`), and evaluation by
 `generate` and a string match against the label words.
+
+Both run on primer's backbone object, but with transformers' own MLP ops (`stock_mlp`), not
+primer's SwiGLU gradient (core/backbones/swiglu.py).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import higher
 import torch
 
 from core.algorithms.maml import double_backward_attention
+from core.backbones.swiglu import stock_mlp
 from core.backbones.soft_prompt import SoftPromptModel
 from core.tasks.base import Example
 
@@ -62,8 +66,9 @@ class PaperLoss:
         embeds = torch.cat([prompt.to(tokens.dtype).unsqueeze(0).expand(B, -1, -1), tokens], dim=1)
         full_mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
         full_labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
-        return self.model.backbone.model(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels,
-                                         use_cache=False).loss
+        with stock_mlp():
+            return self.model.backbone.model(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels,
+                                             use_cache=False).loss
 
 
 def maml_grad(loss: PaperLoss, prompt: torch.Tensor, support, query, inner_lr: float, inner_steps: int,
@@ -127,7 +132,8 @@ class Peft:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, batch: dict) -> torch.Tensor:
-        return self.model(**batch).loss
+        with stock_mlp():
+            return self.model(**batch).loss
 
     @torch.no_grad()
     def generate_labels(self, examples: list[Example], options: tuple[str, ...], max_new_tokens: int,

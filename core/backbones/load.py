@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from core.backbones.registry import REGISTRY, cached_dir
+from core.backbones.swiglu import use_swiglu
 
 
 class BackboneError(ValueError):
@@ -118,7 +119,9 @@ def load_kept(name: str, *, dtype: torch.dtype = torch.float32, device: str = "c
 
 
 def freeze(backbone: Backbone) -> Backbone:
-    """Frozen: no backbone weight takes a gradient; eval mode, so no dropout noise either."""
+    """Frozen: no backbone weight takes a gradient; eval mode, so no dropout noise either; a
+    Llama-family MLP keeps less for MAML's second-order gradient (core/backbones/swiglu.py)."""
+    use_swiglu(backbone.model)
     backbone.model.requires_grad_(False)
     backbone.model.eval()
     tok = backbone.tokenizer

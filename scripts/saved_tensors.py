@@ -1,0 +1,64 @@
+"""What one MAML episode's autograd graphs keep, by shape: every tensor saved for a backward
+(the support pass's, its differentiated backward's and the query pass's), each storage counted
+once, the backbone's own weights left out; then the resident set's peak over the episode (the
+bench's measure, bench/measure.py) and the operators it dispatches (each a kernel launch on a
+GPU). With `stock`, transformers' own MLP ops instead of primer's
+SwiGLU (core/backbones/swiglu.py). The bench's first episode, SmolLM2-135M fp32, prompt 20.
+
+  .venv/bin/python scripts/saved_tensors.py [stock]
+"""
+import collections
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
+from bench.__main__ import parse, setup  # noqa: E402
+from bench.measure import Dispatched, PeakMemory, live_resident_set  # noqa: E402
+from core.algorithms.episodes import TaskEpisodes  # noqa: E402
+from core.algorithms.upstream import UpstreamConfig, meta_grad  # noqa: E402
+from core.backbones.swiglu import stock_mlp  # noqa: E402
+
+s = setup(parse(["--parts", "meta"]))
+init = s.model.prompt.detach().clone()
+cfg = UpstreamConfig(algorithm="maml", inner_lr=s.inner_lr).resolved()
+episode = TaskEpisodes(s.sources, cfg.seed).episode(0, *cfg.episode_sizes())
+weights = {p.untyped_storage().data_ptr() for p in s.model.backbone.model.parameters()}
+mode = stock_mlp if sys.argv[1:] == ["stock"] else contextlib.nullcontext
+
+kept: dict[int, tuple] = {}
+
+
+def pack(t: torch.Tensor) -> torch.Tensor:
+    ptr = t.untyped_storage().data_ptr()
+    if ptr not in weights and ptr not in kept:
+        kept[ptr] = (tuple(t.shape), t.untyped_storage().nbytes())
+    return t
+
+
+with mode():
+    meta_grad(s.model, init, [episode], cfg)  # warm-up
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        meta_grad(s.model, init, [episode], cfg)
+    with live_resident_set(), PeakMemory(torch.device("cpu")) as mem:
+        meta_grad(s.model, init, [episode], cfg)
+    with Dispatched() as ops:
+        meta_grad(s.model, init, [episode], cfg)
+
+size, count = collections.Counter(), collections.Counter()
+for shape, nbytes in kept.values():
+    size[shape] += nbytes
+    count[shape] += 1
+print(f"MLP: {'transformers (stock)' if sys.argv[1:] == ['stock'] else 'primer SwiGLU'}; "
+      f"support {len(episode.support)} rows, query {len(episode.query)} rows\n")
+print("| shape | tensors | MB |\n|---|---|---|")
+for shape, nbytes in size.most_common():
+    if nbytes >= 2**20:
+        print(f"| {shape} | {count[shape]} | {nbytes / 2**20:.1f} |")
+rest = sum(n for sh, n in size.items() if n < 2**20)
+print(f"| smaller ones | {sum(c for sh, c in count.items() if size[sh] < 2**20)} | {rest / 2**20:.1f} |")
+print(f"| **all kept** | {len(kept)} | {sum(size.values()) / 2**20:.1f} |")
+print(f"\nresident set's peak over the episode: {mem.peak / 2**20:.1f} MB; operators dispatched: {ops.ops}; "
+      f"GFLOP: {ops.flops / 1e9:.2f}")
