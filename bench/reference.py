@@ -12,8 +12,8 @@ PEFT's prompt tuning: `PromptTuningConfig` + `get_peft_model`, the standard trai
 its examples (a tokenized batch padded to max_length, `model(**batch).loss`), and evaluation by
 `generate` and a string match against the label words.
 
-Both run on primer's backbone object, but with transformers' own MLP ops (`stock_mlp`), not
-primer's SwiGLU gradient (core/backbones/swiglu.py).
+Both run on primer's backbone object, but with transformers' own MLP and RMSNorm operators
+(`stock_ops`), not primer's written-out derivatives (core/backbones/lean.py).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import higher
 import torch
 
 from core.algorithms.maml import double_backward_attention
-from core.backbones.swiglu import stock_mlp
+from core.backbones.lean import stock_ops
 from core.backbones.soft_prompt import SoftPromptModel
 from core.tasks.base import Example
 
@@ -66,7 +66,7 @@ class PaperLoss:
         embeds = torch.cat([prompt.to(tokens.dtype).unsqueeze(0).expand(B, -1, -1), tokens], dim=1)
         full_mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
         full_labels = torch.cat([labels.new_full((B, P), -100), labels], dim=1)
-        with stock_mlp():
+        with stock_ops():
             return self.model.backbone.model(inputs_embeds=embeds, attention_mask=full_mask, labels=full_labels,
                                              use_cache=False).loss
 
@@ -132,7 +132,7 @@ class Peft:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def loss(self, batch: dict) -> torch.Tensor:
-        with stock_mlp():
+        with stock_ops():
             return self.model(**batch).loss
 
     @torch.no_grad()

@@ -2,8 +2,8 @@
 (the support pass's, its differentiated backward's and the query pass's), each storage counted
 once, the backbone's own weights left out; then the resident set's peak over the episode (the
 bench's measure, bench/measure.py) and the operators it dispatches (each a kernel launch on a
-GPU). With `stock`, transformers' own MLP ops instead of primer's
-SwiGLU (core/backbones/swiglu.py). The bench's first episode, SmolLM2-135M fp32, prompt 20.
+GPU). With `stock`, transformers' own MLP and RMSNorm operators instead of primer's
+written-out derivatives (core/backbones/lean.py). The bench's first episode, SmolLM2-135M fp32, prompt 20.
 
   .venv/bin/python scripts/saved_tensors.py [stock]
 """
@@ -19,14 +19,14 @@ from bench.__main__ import parse, setup  # noqa: E402
 from bench.measure import Dispatched, PeakMemory, live_resident_set  # noqa: E402
 from core.algorithms.episodes import TaskEpisodes  # noqa: E402
 from core.algorithms.upstream import UpstreamConfig, meta_grad  # noqa: E402
-from core.backbones.swiglu import stock_mlp  # noqa: E402
+from core.backbones.lean import stock_ops  # noqa: E402
 
 s = setup(parse(["--parts", "meta"]))
 init = s.model.prompt.detach().clone()
 cfg = UpstreamConfig(algorithm="maml", inner_lr=s.inner_lr).resolved()
 episode = TaskEpisodes(s.sources, cfg.seed).episode(0, *cfg.episode_sizes())
 weights = {p.untyped_storage().data_ptr() for p in s.model.backbone.model.parameters()}
-mode = stock_mlp if sys.argv[1:] == ["stock"] else contextlib.nullcontext
+mode = stock_ops if sys.argv[1:] == ["stock"] else contextlib.nullcontext
 
 kept: dict[int, tuple] = {}
 
@@ -51,7 +51,7 @@ size, count = collections.Counter(), collections.Counter()
 for shape, nbytes in kept.values():
     size[shape] += nbytes
     count[shape] += 1
-print(f"MLP: {'transformers (stock)' if sys.argv[1:] == ['stock'] else 'primer SwiGLU'}; "
+print(f"MLP and RMSNorm: {'transformers (stock)' if sys.argv[1:] == ['stock'] else 'primer (lean)'}; "
       f"support {len(episode.support)} rows, query {len(episode.query)} rows\n")
 print("| shape | tensors | MB |\n|---|---|---|")
 for shape, nbytes in size.most_common():

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from core.backbones.registry import REGISTRY, cached_dir
-from core.backbones.swiglu import use_swiglu
+from core.backbones.lean import use_lean
 
 
 class BackboneError(ValueError):
@@ -120,8 +120,8 @@ def load_kept(name: str, *, dtype: torch.dtype = torch.float32, device: str = "c
 
 def freeze(backbone: Backbone) -> Backbone:
     """Frozen: no backbone weight takes a gradient; eval mode, so no dropout noise either; a
-    Llama-family MLP keeps less for MAML's second-order gradient (core/backbones/swiglu.py)."""
-    use_swiglu(backbone.model)
+    Llama-family MLP and RMSNorm keep less for MAML's second-order gradient (core/backbones/lean.py)."""
+    use_lean(backbone.model)
     backbone.model.requires_grad_(False)
     backbone.model.eval()
     tok = backbone.tokenizer
