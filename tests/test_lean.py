@@ -54,6 +54,7 @@ def test_a_llama_backbone_runs_lean_modules_with_the_same_outputs_and_parameter_
     layers = stock.config.num_hidden_layers
     assert sum(isinstance(m, SwiGLU) for m in ours.modules()) == layers
     assert sum(isinstance(m, RMSNorm) for m in ours.modules()) == 2 * layers + 1  # and the final norm
+    assert use_lean(ours) == 0  # a kept backbone frozen again for the next job: nothing left to swap
     assert not any(isinstance(m, (SwiGLU, RMSNorm)) for m in stock.modules())
     assert list(ours.state_dict()) == list(stock.state_dict())
     ids = torch.tensor([[5, 9, 2, 7, 3]])

@@ -154,7 +154,9 @@ class RMSNorm(nn.Module):
 
 
 def _candidate(m: nn.Module) -> type | None:
-    """Which lean module could stand in for `m`, by its parts."""
+    """Which lean module could stand in for `m`, by its parts (none for one already lean)."""
+    if isinstance(m, (SwiGLU, RMSNorm)):
+        return None
     name, children = type(m).__name__, {n for n, _ in m.named_children()}
     if (name.endswith("MLP") and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
             and all(isinstance(getattr(m, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj"))
