@@ -80,8 +80,11 @@ def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return _SiluMul.apply(g, u) if _lean(g, u) else F.silu(g) * u
 
 
-def _at_least_fp32(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32  # transformers: float32
+def _rms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in at least float32 (transformers: float32) and its rsqrt(mean(x²) + eps), with
+    transformers' operators."""
+    h = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return h, torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -90,8 +93,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, eps):
-        h = x.to(_at_least_fp32(x))
-        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        h, r = _rms(x, eps)
         ctx.save_for_backward(x, w, r)
         return w * (h * r).to(x.dtype)
 
@@ -148,9 +150,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _lean(x) and not self.weight.requires_grad:
             return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
-        h = x.to(_at_least_fp32(x))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(x.dtype)
+        h, r = _rms(x, self.variance_epsilon)
+        return self.weight * (h * r).to(x.dtype)
 
 
 def _candidate(m: nn.Module) -> type | None:
