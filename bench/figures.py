@@ -61,14 +61,16 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _timed(s: Setup, work: Callable[[], int], name: str = "") -> Timing | None:
+def _timed(s: Setup, works: dict[str, Callable[[], int]]) -> list[Timing | None]:
+    """Both sides of a figure (profile name -> work), timed taking turns (bench.measure)."""
     if s.smoke:
-        work()
-        return None
-    timing = measure(work, s.model.backbone.device, s.warmup, s.repeats)
-    if s.profile:
+        for work in works.values():
+            work()
+        return [None] * len(works)
+    timings = measure(list(works.values()), s.model.backbone.device, s.warmup, s.repeats)
+    for name, work in works.items() if s.profile else ():
         profile(work, s.model.backbone.device, name)
-    return timing
+    return timings
 
 
 def profile(work: Callable[[], int], device: torch.device, name: str, rows: int = 12) -> None:
@@ -131,9 +133,9 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     check = {"grad_relative_diff": float(f"{diff:.3g}")}
     threads = episode_threads(s.model, cfg)
     how = "batched" if cfg.batch_episodes else f"{threads} in parallel threads" if threads > 1 else "one at a time"
-    emit(_line(s, f"meta/{algorithm}", "primer", _timed(s, primer_run, f"meta/{algorithm} primer"), "episodes_per_s",
-               **check, episodes=how))
-    emit(_line(s, f"meta/{algorithm}", "paper-loop+higher", _timed(s, reference_run, f"meta/{algorithm} reference"), "episodes_per_s", **check))
+    ours_t, theirs_t = _timed(s, {f"meta/{algorithm} primer": primer_run, f"meta/{algorithm} reference": reference_run})
+    emit(_line(s, f"meta/{algorithm}", "primer", ours_t, "episodes_per_s", **check, episodes=how))
+    emit(_line(s, f"meta/{algorithm}", "paper-loop+higher", theirs_t, "episodes_per_s", **check))
 
 
 def _batches(s: Setup) -> list[list[Example]]:
@@ -166,9 +168,10 @@ def pt(s: Setup, peft: reference.Peft, emit: Emit) -> None:
 
     peft_batches = {id(b): peft.batch(b) for b in batches}  # tokenized up front, as a DataLoader would
     check = {"loss_relative_diff": float(f"{diff:.3g}")}
-    emit(_line(s, "pt", "primer", _timed(s, lambda: run([s.model.prompt], s.model.loss), "pt primer"), "steps_per_s", **check))
-    emit(_line(s, "pt", "peft", _timed(s, lambda: run([peft.prompt], lambda b: peft.loss(peft_batches[id(b)])), "pt peft"),
-               "steps_per_s", **check))
+    ours_t, theirs_t = _timed(s, {"pt primer": lambda: run([s.model.prompt], s.model.loss),
+                                  "pt peft": lambda: run([peft.prompt], lambda b: peft.loss(peft_batches[id(b)]))})
+    emit(_line(s, "pt", "primer", ours_t, "steps_per_s", **check))
+    emit(_line(s, "pt", "peft", theirs_t, "steps_per_s", **check))
     with torch.no_grad():
         s.model.prompt.copy_(init)
 
@@ -208,8 +211,8 @@ def evaluation(s: Setup, peft: reference.Peft, emit: Emit) -> None:
         return len(examples)
 
     accuracy = lambda impl: round(sum(p == g for p, g in zip(found[impl], gold)) / len(gold), 4)  # noqa: E731
-    for impl, work in (("primer", ours), ("peft+generate", theirs)):
-        t = _timed(s, work, f"eval {impl}")
+    timings = _timed(s, {"eval primer": ours, "eval peft+generate": theirs})
+    for impl, work, t in (("primer", ours, timings[0]), ("peft+generate", theirs, timings[1])):
         batched = accuracy(impl.split("+")[0])
         # Untimed, one example at a time: a prediction should not depend on its batch. PEFT puts
         # the left padding of `generate` between the virtual tokens and the input, which moves

@@ -1,6 +1,6 @@
-"""Timing and peak memory: warm-up, then the median of several timed repeats; then peak memory,
-as the largest rise of the CUDA allocator (GPU) or of the process's resident set (CPU) over one
-more run of the same work.
+"""Timing and peak memory: warm-up, then the median of several timed repeats, the two sides of a
+figure taking turns; then peak memory, as the largest rise of the CUDA allocator (GPU) or of the
+process's resident set (CPU) over one more run of the same work.
 
 On CPU the resident set only follows the live tensors if freed blocks go back to the system:
 glibc keeps small and medium frees in its heap, so for the memory run every block over 64 KiB
@@ -104,20 +104,31 @@ class Timing:
     peak_mb: float  # the peak above the level before the work
 
 
-def measure(work: Callable[[], int], device: torch.device, warmup: int, repeats: int) -> Timing:
-    """`work()` does a fixed amount of work and returns how many items it did."""
-    for _ in range(warmup):
-        work()
-    seconds, items = [], 0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        items = work()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    with live_resident_set() if device.type == "cpu" else contextlib.nullcontext(), PeakMemory(device) as mem:
-        work()
-    return Timing(items / statistics.median(seconds), seconds, items, mem.peak / 2**20)
+def measure(works: list[Callable[[], int]], device: torch.device, warmup: int, repeats: int) -> list[Timing]:
+    """The implementations of one figure, timed in turn: each `work()` does a fixed amount of work
+    and returns how many items it did. After every one's warm-up, each round runs them all, in
+    the order given and in reverse on alternate rounds (A B, B A, A B, ...), so that a machine
+    whose speed drifts during the run (by 10-30 % on these shared machines) slows or speeds both
+    alike instead of whichever ran last. Then each one's peak memory, in a run of its own."""
+    for work in works:
+        for _ in range(warmup):
+            work()
+    seconds: list[list[float]] = [[] for _ in works]
+    items = [0] * len(works)
+    for r in range(repeats):
+        order = list(range(len(works)))
+        for i in order if r % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            items[i] = works[i]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[i].append(time.perf_counter() - start)
+    timings = []
+    for i, work in enumerate(works):
+        with live_resident_set() if device.type == "cpu" else contextlib.nullcontext(), PeakMemory(device) as mem:
+            work()
+        timings.append(Timing(items[i] / statistics.median(seconds[i]), seconds[i], items[i], mem.peak / 2**20))
+    return timings
 
 
 class Dispatched(TorchDispatchMode):

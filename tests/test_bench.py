@@ -109,3 +109,27 @@ def test_a_figure_that_fails_is_named_and_the_others_still_run(tmp_path, capfd):
     assert failed == ["meta/fomaml", "pt"]
     assert "| pt | FAILED | — | — | exit_status 1 |" in err
     assert "BackboneError: unknown backbone" in err and "no-such-backbone" in err  # each one's traceback
+
+
+def test_the_two_sides_of_a_figure_take_turns_so_that_a_drifting_machine_weighs_on_both():
+    import torch
+
+    from bench.measure import measure
+
+    calls = []
+    works = [lambda: calls.append("primer") or 6, lambda: calls.append("reference") or 6]
+    ours, theirs = measure(works, torch.device("cpu"), warmup=1, repeats=3)
+    # the warm-ups, then rounds in turn, the order reversed every other round, then one memory run each
+    assert calls == ["primer", "reference", "primer", "reference", "reference", "primer", "primer", "reference",
+                     "primer", "reference"]
+    assert len(ours.seconds) == len(theirs.seconds) == 3 and ours.items == theirs.items == 6
+
+
+def test_a_timed_run_gives_each_side_its_own_rates_and_peak(tiny_dir, capsys):
+    # not a measurement (the tiny model's timings mean nothing): the timed path's wiring
+    assert main(["--backbone", str(tiny_dir["causal"]), "--parts", "pt", "--one-process", "--warmup", "0",
+                 "--repeats", "2", "--pt-steps", "2"]) == 0
+    lines = {(d["figure"], d["impl"]): d for d in map(json.loads, capsys.readouterr().out.splitlines())}
+    for impl in ("primer", "peft"):
+        line = lines[("pt", impl)]
+        assert line["steps_per_s"] > 0 and line["peak_mb"] is not None and len(line["seconds"]) == 2
