@@ -1,0 +1,73 @@
+"""Where one meta-gradient's operators come from: every operator dispatched for the bench's first
+episode (SmolLM2-135M fp32, prompt 20, input cap 64), counted by the function of primer or
+transformers that dispatched it (for the backward passes autograd runs, the algorithm's function
+that called autograd.grad), with the time each operator itself took (the dispatch mode's
+own Python is not in it); then the time by operator. After one untimed episode, so no first-call costs are in it.
+
+  .venv/bin/python scripts/op_sources.py [algorithm]
+"""
+import collections
+import sys
+import time
+from pathlib import Path
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(0, ROOT)  # bench/ is not an installed package
+from bench.__main__ import parse, setup  # noqa: E402
+from core.algorithms.episodes import TaskEpisodes  # noqa: E402
+from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
+
+algorithm = sys.argv[1] if len(sys.argv) > 1 else "maml"
+s = setup(parse(["--parts", "meta"]))
+init = s.model.prompt.detach().clone()
+cfg = UpstreamConfig(algorithm=algorithm, inner_lr=s.inner_lr).resolved()
+episode = TaskEpisodes(s.sources, cfg.seed).episode(0, *cfg.episode_sizes())
+count, seconds, ops = collections.Counter(), collections.Counter(), collections.Counter()
+by_op, op_seconds = collections.Counter(), collections.Counter()
+
+
+def source() -> str:
+    """The innermost frame of primer's code or transformers' that is not torch's own: for the
+    backward passes that autograd runs, the algorithm's function that called autograd.grad, or
+    the backward of one of primer's autograd Functions (core/backbones/lean.py)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if "/torch/" not in name and (name.startswith(ROOT) or "transformers" in name):
+            return f"{Path(name).name}:{frame.f_code.co_qualname}"
+        frame = frame.f_back
+    return "?"
+
+
+class Sources(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        where, name, start = source(), func.overloadpacket.__name__, time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        count[where] += 1
+        seconds[where] += elapsed
+        ops[where, name] += 1
+        by_op[name] += 1
+        op_seconds[name] += elapsed
+        return out
+
+
+def run():
+    ALGORITHMS[algorithm].grad(s.model, init, [episode], cfg.inner_lr, cfg.inner_steps)
+
+
+run()
+with Sources():
+    run()
+total, total_s = sum(count.values()), sum(seconds.values())
+print(f"{algorithm}: {total:,} operators, {total_s * 1000:.0f} ms in them\n")
+print("| dispatched from | operators | ms | share of the time | most frequent |\n|---|---|---|---|---|")
+for where, n in count.most_common():
+    top = [f"{op} {k}" for (w, op), k in ops.most_common() if w == where][:4]
+    print(f"| {where} | {n:,} | {seconds[where] * 1000:.1f} | {seconds[where] / total_s:.0%} | {', '.join(top)} |")
+
+print("\n| operator | calls | ms | share of the time |\n|---|---|---|---|")
+for op, seconds_in in op_seconds.most_common(12):
+    print(f"| {op} | {by_op[op]:,} | {seconds_in * 1000:.1f} | {seconds_in / total_s:.0%} |")
