@@ -24,8 +24,7 @@ s = setup(parse(["--parts", "meta"]))
 init = s.model.prompt.detach().clone()
 cfg = UpstreamConfig(algorithm=algorithm, inner_lr=s.inner_lr).resolved()
 episode = TaskEpisodes(s.sources, cfg.seed).episode(0, *cfg.episode_sizes())
-count, seconds, ops = collections.Counter(), collections.Counter(), collections.Counter()
-by_op, op_seconds = collections.Counter(), collections.Counter()
+calls, spent = collections.Counter(), collections.Counter()  # per (source, operator): calls, seconds
 
 
 def source() -> str:
@@ -43,14 +42,10 @@ def source() -> str:
 
 class Sources(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        where, name, start = source(), func.overloadpacket.__name__, time.perf_counter()
+        key, start = (source(), func.overloadpacket.__name__), time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        elapsed = time.perf_counter() - start
-        count[where] += 1
-        seconds[where] += elapsed
-        ops[where, name] += 1
-        by_op[name] += 1
-        op_seconds[name] += elapsed
+        spent[key] += time.perf_counter() - start
+        calls[key] += 1
         return out
 
 
@@ -61,11 +56,23 @@ def run():
 run()
 with Sources():
     run()
+
+
+def by(part: int) -> tuple[collections.Counter, collections.Counter]:
+    """Calls and seconds summed by source (part 0) or by operator (1)."""
+    n, t = collections.Counter(), collections.Counter()
+    for key, k in calls.items():
+        n[key[part]] += k
+        t[key[part]] += spent[key]
+    return n, t
+
+
+(count, seconds), (by_op, op_seconds) = by(0), by(1)
 total, total_s = sum(count.values()), sum(seconds.values())
 print(f"{algorithm}: {total:,} operators, {total_s * 1000:.0f} ms in them\n")
 print("| dispatched from | operators | ms | share of the time | most frequent |\n|---|---|---|---|---|")
 for where, n in count.most_common():
-    top = [f"{op} {k}" for (w, op), k in ops.most_common() if w == where][:4]
+    top = [f"{op} {k}" for (w, op), k in calls.most_common() if w == where][:4]
     print(f"| {where} | {n:,} | {seconds[where] * 1000:.1f} | {seconds[where] / total_s:.0%} | {', '.join(top)} |")
 
 print("\n| operator | calls | ms | share of the time |\n|---|---|---|---|")
