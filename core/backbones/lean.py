@@ -70,10 +70,11 @@ class _SiluMulBackward(torch.autograd.Function):
     def backward(ctx, grad_g, grad_u):
         grad, g, u = ctx.saved_tensors
         s = torch.sigmoid(g)
-        d1 = s * (1 + g * (1 - s))  # silu'
-        d2 = s * (1 - s) * (2 + g * (1 - 2 * s))  # silu''
+        rest, gu = 1 - s, grad_g * u
+        d1 = s * (1 + g * rest)  # silu'
+        d2 = s * rest * (2 + g * (1 - 2 * s))  # silu''
         # autograd hands in zeros for an output whose gradient is not needed (materialized grads)
-        return grad_g * u * d1 + grad_u * g * s, grad * (grad_g * u * d2 + grad_u * d1), grad_g * grad * d1
+        return gu * d1 + grad_u * g * s, grad * (gu * d2 + grad_u * d1), grad_g * grad * d1
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
