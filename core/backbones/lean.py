@@ -63,18 +63,27 @@ class _SiluMulBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad, g, u):
         ctx.save_for_backward(grad, g, u)
-        return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
+        return _silu_mul_grads(grad, g, u)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_g, grad_u):
-        grad, g, u = ctx.saved_tensors
-        s = torch.sigmoid(g)
-        rest, gu = 1 - s, grad_g * u
-        d1 = s * (1 + g * rest)  # silu'
-        d2 = s * rest * (2 + g * (1 - 2 * s))  # silu''
         # autograd hands in zeros for an output whose gradient is not needed (materialized grads)
-        return gu * d1 + grad_u * g * s, grad * (gu * d2 + grad_u * d1), grad_g * grad * d1
+        return _silu_mul_second(*ctx.saved_tensors, grad_g, grad_u)
+
+
+# The derivatives' arithmetic, as functions of tensors alone (scripts/fuse_gain.py compiles them)
+
+def _silu_mul_grads(grad, g, u):
+    return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
+
+
+def _silu_mul_second(grad, g, u, grad_g, grad_u):
+    s = torch.sigmoid(g)
+    rest, gu = 1 - s, grad_g * u
+    d1 = s * (1 + g * rest)  # silu'
+    d2 = s * rest * (2 + g * (1 - 2 * s))  # silu''
+    return gu * d1 + grad_u * g * s, grad * (gu * d2 + grad_u * d1), grad_g * grad * d1
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -111,21 +120,28 @@ class _RMSNormBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gy, x, w, r):
         ctx.save_for_backward(gy, x, w, r)
-        gh, h = (gy * w).to(r.dtype), x.to(r.dtype)
-        return (r * gh - r ** 3 / x.shape[-1] * h * (h * gh).sum(-1, keepdim=True)).to(x.dtype)
+        return _rms_grad(gy, x, w, r)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, v):
-        gy, x, w, r = ctx.saved_tensors
-        gh, h, v = (gy * w).to(r.dtype), x.to(r.dtype), v.to(r.dtype)
-        n = x.shape[-1]
-        r3n = r ** 3 / n
-        vx, xg, vg = ((v * h).sum(-1, keepdim=True), (h * gh).sum(-1, keepdim=True),
-                      (v * gh).sum(-1, keepdim=True))
-        d_gh = r * v - r3n * h * vx
-        d_x = (3 * r * r * r3n / n * vx * xg - r3n * vg) * h - r3n * (xg * v + vx * gh)
-        return (w * d_gh.to(gy.dtype)), d_x.to(x.dtype), None, None
+        return *_rms_second(*ctx.saved_tensors, v), None, None
+
+
+def _rms_grad(gy, x, w, r):
+    gh, h = (gy * w).to(r.dtype), x.to(r.dtype)
+    return (r * gh - r ** 3 / x.shape[-1] * h * (h * gh).sum(-1, keepdim=True)).to(x.dtype)
+
+
+def _rms_second(gy, x, w, r, v):
+    gh, h, v = (gy * w).to(r.dtype), x.to(r.dtype), v.to(r.dtype)
+    n = x.shape[-1]
+    r3n = r ** 3 / n
+    vx, xg, vg = ((v * h).sum(-1, keepdim=True), (h * gh).sum(-1, keepdim=True),
+                  (v * gh).sum(-1, keepdim=True))
+    d_gh = r * v - r3n * h * vx
+    d_x = (3 * r * r * r3n / n * vx * xg - r3n * vg) * h - r3n * (xg * v + vx * gh)
+    return (w * d_gh.to(gy.dtype)), d_x.to(x.dtype)
 
 
 class SwiGLU(nn.Module):
