@@ -176,6 +176,38 @@ def pt(s: Setup, peft: reference.Peft, emit: Emit) -> None:
         s.model.prompt.copy_(init)
 
 
+def primer_grad(s: Setup, name: str, init: torch.Tensor) -> torch.Tensor:
+    """primer's gradient for `name` (a meta algorithm, or "pt"): the first meta-batch's
+    meta-gradient, or the first prompt-tuning batch's gradient (for scripts that compare two
+    ways of running primer: scripts/fuse_gain.py, sdpa_gqa.py)."""
+    if name == "pt":
+        prompt = torch.nn.Parameter(init.clone())
+        s.model.loss(_batches(s)[0], prompt).backward()
+        return prompt.grad
+    cfg = UpstreamConfig(algorithm=name, inner_lr=s.inner_lr).resolved()
+    drawn = [TaskEpisodes(s.sources, cfg.seed).episode(j, *cfg.episode_sizes()) for j in range(cfg.meta_batch)]
+    return meta_grad(s.model, init, drawn, cfg)[0]
+
+
+def primer_work(s: Setup, name: str, init: torch.Tensor) -> Callable[[], int]:
+    """primer's side of the figure for `name`, from `init`, as bench.measure takes it: meta_train
+    for meta_steps outer steps, or pt_steps of prompt tuning (AdamW)."""
+    if name == "pt":
+        def pt() -> int:
+            prompt = torch.nn.Parameter(init.clone())
+            opt = torch.optim.AdamW([prompt], lr=0.01, weight_decay=1e-5)
+            for batch in _batches(s):
+                loss = s.model.loss(batch, prompt)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return s.pt_steps
+        return pt
+    cfg = UpstreamConfig(algorithm=name, steps=s.meta_steps, inner_lr=s.inner_lr, outer_lr=0.5,
+                         optimizer="adafactor").resolved()
+    return lambda: (meta_train(s.model, s.sources, init, cfg), cfg.steps * cfg.meta_batch)[1]
+
+
 def _tuned(s: Setup, steps: int) -> torch.Tensor:
     """The prompt after `steps` of prompt tuning on the target's train split (untimed), so that
     both evaluations score a prompt that has learned the task and its answer words."""

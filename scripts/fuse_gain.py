@@ -22,10 +22,10 @@ import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 from bench.__main__ import parse, setup  # noqa: E402
-from bench.figures import _batches  # noqa: E402
+from bench.figures import primer_grad, primer_work  # noqa: E402
 from bench.measure import measure  # noqa: E402
 from core.algorithms.episodes import TaskEpisodes  # noqa: E402
-from core.algorithms.upstream import ALGORITHMS, UpstreamConfig, meta_grad, meta_train  # noqa: E402
+from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
 from core.backbones import lean  # noqa: E402
 
 NAMES = ("_silu_mul_grads", "_silu_mul_second", "_rms_grad", "_rms_second")
@@ -67,7 +67,7 @@ ways = {"operators": {n: getattr(lean, n) for n in NAMES}}
 ways["compiled"] = {n: compiled(f) for n, f in ways["operators"].items()}
 
 
-def way(name: str, work=None, timing: bool = False):
+def way(name: str, work, timing: bool = False):
     def run():
         for n, f in ways[name].items():
             setattr(lean, n, timed(n, f) if timing else f)
@@ -132,38 +132,12 @@ for n in (*NAMES, "all four"):
           + " | ".join(", ".join(f"{v:.1f}" for v in ms[w]) for w in ways) + " |", flush=True)
 
 
-def grads(name: str) -> torch.Tensor:
-    if name == "pt":
-        prompt = torch.nn.Parameter(init.clone())
-        s.model.loss(_batches(s)[0], prompt).backward()
-        return prompt.grad
-    c = UpstreamConfig(algorithm=name, inner_lr=s.inner_lr).resolved()
-    drawn = [TaskEpisodes(s.sources, c.seed).episode(j, *c.episode_sizes()) for j in range(c.meta_batch)]
-    return meta_grad(s.model, init, drawn, c)[0]
-
-
-def work(name: str):
-    if name == "pt":
-        def pt() -> int:
-            prompt = torch.nn.Parameter(init.clone())
-            opt = torch.optim.AdamW([prompt], lr=0.01, weight_decay=1e-5)
-            for batch in _batches(s):
-                loss = s.model.loss(batch, prompt)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            return s.pt_steps
-        return pt
-    c = UpstreamConfig(algorithm=name, steps=s.meta_steps, inner_lr=s.inner_lr, outer_lr=0.5,
-                       optimizer="adafactor").resolved()
-    return lambda: (meta_train(s.model, s.sources, init, c), c.steps * c.meta_batch)[1]
-
-
 print("\n| work | compiled: items/s | operators: items/s | compiled ÷ operators | peak MB: compiled, operators "
       "| gradient relative diff |\n|---|---|---|---|---|---|", flush=True)
 for name in which:
-    a, b = way("compiled", lambda: grads(name))(), way("operators", lambda: grads(name))()
+    a, b = way("compiled", lambda: primer_grad(s, name, init))(), way("operators", lambda: primer_grad(s, name, init))()
     diff = float((a - b).norm() / b.norm())
-    ours, theirs = measure([way("compiled", work(name)), way("operators", work(name))], device, s.warmup, s.repeats)
+    ours, theirs = measure([way("compiled", primer_work(s, name, init)), way("operators", primer_work(s, name, init))],
+                           device, s.warmup, s.repeats)
     print(f"| {name} | {ours.per_second:.3f} | {theirs.per_second:.3f} | {ours.per_second / theirs.per_second:.3f}× "
           f"| {ours.peak_mb:.0f}, {theirs.peak_mb:.0f} | {diff:.2e} |", flush=True)
