@@ -96,26 +96,18 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     """Episodes per second of `algorithm` over `meta_steps` outer steps, primer's meta_train
     against the paper's loop on the same episodes, after checking one meta-gradient."""
     algo = ALGORITHMS[algorithm]
-    cfg = UpstreamConfig(algorithm=algorithm, steps=s.meta_steps, inner_lr=s.inner_lr, outer_lr=0.5,
-                         optimizer="adafactor", batch_episodes=s.batch_episodes,
-                         parallel_episodes=s.parallel_episodes).resolved()
+    cfg = _meta_config(s, algorithm)
     support, query = cfg.episode_sizes()
     episodes = TaskEpisodes(s.sources, cfg.seed)
     loss = reference.PaperLoss(s.ref, s.static_length)
     init = s.model.prompt.detach().clone()
 
-    # the first meta-batch, as primer's loop runs it (one episode at a time, all in one forward,
-    # or in parallel threads)
-    drawn = [episodes.episode(j, support, query) for j in range(cfg.meta_batch)]
+    drawn = _first_meta_batch(s, cfg)
     ours = meta_grad(s.model, init, drawn, cfg)[0]
     theirs = sum(reference.episode_grad(loss, init, ep, cfg)[0] for ep in drawn)
     diff = _relative(ours, theirs)
     if not diff < s.tol("grad"):
         raise AssertionError(f"{algorithm}: primer's meta-gradient differs from the reference's by {diff:.2e} (relative)")
-
-    def primer_run() -> int:
-        meta_train(s.model, s.sources, init, cfg)
-        return cfg.steps * cfg.meta_batch
 
     def reference_run() -> int:
         prompt = torch.nn.Parameter(init.clone())
@@ -133,7 +125,8 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     check = {"grad_relative_diff": float(f"{diff:.3g}")}
     threads = episode_threads(s.model, cfg)
     how = "batched" if cfg.batch_episodes else f"{threads} in parallel threads" if threads > 1 else "one at a time"
-    ours_t, theirs_t = _timed(s, {f"meta/{algorithm} primer": primer_run, f"meta/{algorithm} reference": reference_run})
+    ours_t, theirs_t = _timed(s, {f"meta/{algorithm} primer": primer_work(s, algorithm, init),
+                                  f"meta/{algorithm} reference": reference_run})
     emit(_line(s, f"meta/{algorithm}", "primer", ours_t, "episodes_per_s", **check, episodes=how))
     emit(_line(s, f"meta/{algorithm}", "paper-loop+higher", theirs_t, "episodes_per_s", **check))
 
@@ -155,57 +148,67 @@ def pt(s: Setup, peft: reference.Peft, emit: Emit) -> None:
     if not diff < s.tol("loss"):
         raise AssertionError(f"prompt tuning: primer's loss {ours} differs from PEFT's {theirs}")
 
-    def run(params: list[torch.nn.Parameter], loss: Callable[[list[Example]], torch.Tensor]) -> int:
-        with torch.no_grad():
-            params[0].copy_(init)
-        opt = torch.optim.AdamW(params, lr=0.01, weight_decay=1e-5)
-        for batch in batches:
-            value = loss(batch)
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
-        return len(batches)
-
     peft_batches = {id(b): peft.batch(b) for b in batches}  # tokenized up front, as a DataLoader would
     check = {"loss_relative_diff": float(f"{diff:.3g}")}
-    ours_t, theirs_t = _timed(s, {"pt primer": lambda: run([s.model.prompt], s.model.loss),
-                                  "pt peft": lambda: run([peft.prompt], lambda b: peft.loss(peft_batches[id(b)]))})
+    ours_t, theirs_t = _timed(s, {"pt primer": lambda: _tune(s.model.prompt, s.model.loss, batches, init),
+                                  "pt peft": lambda: _tune(peft.prompt, lambda b: peft.loss(peft_batches[id(b)]),
+                                                           batches, init)})
     emit(_line(s, "pt", "primer", ours_t, "steps_per_s", **check))
     emit(_line(s, "pt", "peft", theirs_t, "steps_per_s", **check))
     with torch.no_grad():
         s.model.prompt.copy_(init)
 
 
+def _meta_config(s: Setup, algorithm: str) -> UpstreamConfig:
+    return UpstreamConfig(algorithm=algorithm, steps=s.meta_steps, inner_lr=s.inner_lr, outer_lr=0.5,
+                          optimizer="adafactor", batch_episodes=s.batch_episodes,
+                          parallel_episodes=s.parallel_episodes).resolved()
+
+
+def _first_meta_batch(s: Setup, cfg: UpstreamConfig) -> list:
+    """The first meta-batch's episodes, as primer's loop draws them."""
+    episodes = TaskEpisodes(s.sources, cfg.seed)
+    return [episodes.episode(j, *cfg.episode_sizes()) for j in range(cfg.meta_batch)]
+
+
+def _tune(prompt: torch.nn.Parameter, loss: Callable[[list[Example]], torch.Tensor], batches: list[list[Example]],
+          init: torch.Tensor) -> int:
+    """Prompt tuning from `init`, one AdamW step per batch; returns the steps."""
+    with torch.no_grad():
+        prompt.copy_(init)
+    opt = torch.optim.AdamW([prompt], lr=0.01, weight_decay=1e-5)
+    for batch in batches:
+        value = loss(batch)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+    return len(batches)
+
+
 def primer_grad(s: Setup, name: str, init: torch.Tensor) -> torch.Tensor:
-    """primer's gradient for `name` (a meta algorithm, or "pt"): the first meta-batch's
+    """primer's gradient for `name` (a meta algorithm, or "pt") at `init`: the first meta-batch's
     meta-gradient, or the first prompt-tuning batch's gradient (for scripts that compare two
     ways of running primer: scripts/fuse_gain.py, sdpa_gqa.py)."""
     if name == "pt":
         prompt = torch.nn.Parameter(init.clone())
         s.model.loss(_batches(s)[0], prompt).backward()
         return prompt.grad
-    cfg = UpstreamConfig(algorithm=name, inner_lr=s.inner_lr).resolved()
-    drawn = [TaskEpisodes(s.sources, cfg.seed).episode(j, *cfg.episode_sizes()) for j in range(cfg.meta_batch)]
-    return meta_grad(s.model, init, drawn, cfg)[0]
+    cfg = _meta_config(s, name)
+    return meta_grad(s.model, init, _first_meta_batch(s, cfg), cfg)[0]
 
 
 def primer_work(s: Setup, name: str, init: torch.Tensor) -> Callable[[], int]:
-    """primer's side of the figure for `name`, from `init`, as bench.measure takes it: meta_train
-    for meta_steps outer steps, or pt_steps of prompt tuning (AdamW)."""
+    """primer's side of the figure for `name` from `init`, as bench.measure takes it: meta_train
+    for meta_steps outer steps, or pt_steps of prompt tuning."""
     if name == "pt":
-        def pt() -> int:
-            prompt = torch.nn.Parameter(init.clone())
-            opt = torch.optim.AdamW([prompt], lr=0.01, weight_decay=1e-5)
-            for batch in _batches(s):
-                loss = s.model.loss(batch, prompt)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            return s.pt_steps
-        return pt
-    cfg = UpstreamConfig(algorithm=name, steps=s.meta_steps, inner_lr=s.inner_lr, outer_lr=0.5,
-                         optimizer="adafactor").resolved()
-    return lambda: (meta_train(s.model, s.sources, init, cfg), cfg.steps * cfg.meta_batch)[1]
+        prompt, batches = torch.nn.Parameter(init.clone()), _batches(s)
+        return lambda: _tune(prompt, lambda b: s.model.loss(b, prompt), batches, init)
+    cfg = _meta_config(s, name)
+
+    def run() -> int:
+        meta_train(s.model, s.sources, init, cfg)
+        return cfg.steps * cfg.meta_batch
+    return run
 
 
 def _tuned(s: Setup, steps: int) -> torch.Tensor:
