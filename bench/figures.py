@@ -125,7 +125,7 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     check = {"grad_relative_diff": float(f"{diff:.3g}")}
     threads = episode_threads(s.model, cfg)
     how = "batched" if cfg.batch_episodes else f"{threads} in parallel threads" if threads > 1 else "one at a time"
-    ours_t, theirs_t = _timed(s, {f"meta/{algorithm} primer": primer_work(s, algorithm, init),
+    ours_t, theirs_t = _timed(s, {f"meta/{algorithm} primer": _primer_work(s, algorithm, init),
                                   f"meta/{algorithm} reference": reference_run})
     emit(_line(s, f"meta/{algorithm}", "primer", ours_t, "episodes_per_s", **check, episodes=how))
     emit(_line(s, f"meta/{algorithm}", "paper-loop+higher", theirs_t, "episodes_per_s", **check))
@@ -185,10 +185,9 @@ def _tune(prompt: torch.nn.Parameter, loss: Callable[[list[Example]], torch.Tens
     return len(batches)
 
 
-def primer_grad(s: Setup, name: str, init: torch.Tensor) -> torch.Tensor:
+def _primer_grad(s: Setup, name: str, init: torch.Tensor) -> torch.Tensor:
     """primer's gradient for `name` (a meta algorithm, or "pt") at `init`: the first meta-batch's
-    meta-gradient, or the first prompt-tuning batch's gradient (for scripts that compare two
-    ways of running primer: scripts/fuse_gain.py, sdpa_gqa.py)."""
+    meta-gradient, or the first prompt-tuning batch's gradient."""
     if name == "pt":
         prompt = torch.nn.Parameter(init.clone())
         s.model.loss(_batches(s)[0], prompt).backward()
@@ -197,7 +196,7 @@ def primer_grad(s: Setup, name: str, init: torch.Tensor) -> torch.Tensor:
     return meta_grad(s.model, init, _first_meta_batch(s, cfg), cfg)[0]
 
 
-def primer_work(s: Setup, name: str, init: torch.Tensor) -> Callable[[], int]:
+def _primer_work(s: Setup, name: str, init: torch.Tensor) -> Callable[[], int]:
     """primer's side of the figure for `name` from `init`, as bench.measure takes it: meta_train
     for meta_steps outer steps, or pt_steps of prompt tuning."""
     if name == "pt":
@@ -209,6 +208,23 @@ def primer_work(s: Setup, name: str, init: torch.Tensor) -> Callable[[], int]:
         meta_train(s.model, s.sources, init, cfg)
         return cfg.steps * cfg.meta_batch
     return run
+
+
+def two_ways(s: Setup, names: list[str], ways: dict[str, Callable[[Callable], Callable]]) -> None:
+    """primer's own figures (meta algorithms, "pt") run two ways, for scripts that compare them
+    (scripts/fuse_gain.py, sdpa_gqa.py): `ways` maps each way's label to a wrapper that runs a
+    function that way. Per figure, the gradient each way is compared, then both are timed taking
+    turns (bench.measure); a markdown row each, to stdout."""
+    (a, first), (b, second) = ways.items()
+    init = s.model.prompt.detach().clone()
+    print(f"\n| work | {a}: items/s | {b}: items/s | {a} ÷ {b} | peak MB: {a}, {b} | gradient relative diff |\n"
+          "|---|---|---|---|---|---|", flush=True)
+    for name in names:
+        diff = _relative(first(lambda: _primer_grad(s, name, init))(), second(lambda: _primer_grad(s, name, init))())
+        ours, theirs = measure([first(_primer_work(s, name, init)), second(_primer_work(s, name, init))],
+                               s.model.backbone.device, s.warmup, s.repeats)
+        print(f"| {name} | {ours.per_second:.3f} | {theirs.per_second:.3f} | {ours.per_second / theirs.per_second:.3f}× "
+              f"| {ours.peak_mb:.0f}, {theirs.peak_mb:.0f} | {diff:.2e} |", flush=True)
 
 
 def _tuned(s: Setup, steps: int) -> torch.Tensor:

@@ -22,8 +22,7 @@ import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 from bench.__main__ import parse, setup  # noqa: E402
-from bench.figures import primer_grad, primer_work  # noqa: E402
-from bench.measure import measure  # noqa: E402
+from bench.figures import two_ways  # noqa: E402
 from core.algorithms.episodes import TaskEpisodes  # noqa: E402
 from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
 from core.backbones import lean  # noqa: E402
@@ -49,14 +48,17 @@ def compiled(f):
     return run
 
 
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(name, f):
     def run(*a):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         out = f(*a)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         spent[name] += time.perf_counter() - start
         calls[name] += 1
         return out
@@ -92,13 +94,11 @@ def alone(f, inputs, n: int = 200) -> float:
     """µs per call, the median of 5 rounds of n calls."""
     rounds = []
     for _ in range(6):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         for _ in range(n):
             f(*inputs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         rounds.append((time.perf_counter() - start) / n * 1e6)
     return sorted(rounds[1:])[2]
 
@@ -132,12 +132,4 @@ for n in (*NAMES, "all four"):
           + " | ".join(", ".join(f"{v:.1f}" for v in ms[w]) for w in ways) + " |", flush=True)
 
 
-print("\n| work | compiled: items/s | operators: items/s | compiled ÷ operators | peak MB: compiled, operators "
-      "| gradient relative diff |\n|---|---|---|---|---|---|", flush=True)
-for name in which:
-    a, b = way("compiled", lambda: primer_grad(s, name, init))(), way("operators", lambda: primer_grad(s, name, init))()
-    diff = float((a - b).norm() / b.norm())
-    ours, theirs = measure([way("compiled", primer_work(s, name, init)), way("operators", primer_work(s, name, init))],
-                           device, s.warmup, s.repeats)
-    print(f"| {name} | {ours.per_second:.3f} | {theirs.per_second:.3f} | {ours.per_second / theirs.per_second:.3f}× "
-          f"| {ours.peak_mb:.0f}, {theirs.peak_mb:.0f} | {diff:.2e} |", flush=True)
+two_ways(s, which, {"compiled": lambda work: way("compiled", work), "operators": lambda work: way("operators", work)})

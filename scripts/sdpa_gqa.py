@@ -15,13 +15,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 from bench.__main__ import parse, setup  # noqa: E402
-from bench.figures import primer_grad, primer_work  # noqa: E402
-from bench.measure import measure  # noqa: E402
+from bench.figures import two_ways  # noqa: E402
 
 args = sys.argv[1:]
 which = args.pop(0).split(",") if args and not args[0].startswith("-") else ["fomaml", "pt", "maml"]
 s = setup(parse(["--parts", "meta", *args]))
-init = s.model.prompt.detach().clone()
 
 
 def way(gqa: bool, work):
@@ -34,13 +32,5 @@ def way(gqa: bool, work):
     return run
 
 
-print(f"{s.model.backbone.device}, {s.dtypes[0]}, prompt {init.shape[0]}, {torch.get_num_threads()} threads\n\n"
-      "| work | SDPA's GQA: items/s | repeat_kv: items/s | GQA ÷ repeat_kv | peak MB: GQA, repeat_kv | gradient relative diff |\n"
-      "|---|---|---|---|---|---|", flush=True)
-for name in which:
-    a, b = way(True, lambda: primer_grad(s, name, init))(), way(False, lambda: primer_grad(s, name, init))()
-    diff = float((a - b).norm() / b.norm())
-    ours, theirs = measure([way(True, primer_work(s, name, init)), way(False, primer_work(s, name, init))],
-                           s.model.backbone.device, s.warmup, s.repeats)
-    print(f"| {name} | {ours.per_second:.3f} | {theirs.per_second:.3f} | {ours.per_second / theirs.per_second:.3f}× "
-          f"| {ours.peak_mb:.0f}, {theirs.peak_mb:.0f} | {diff:.2e} |", flush=True)
+print(f"{s.model.backbone.device}, {s.dtypes[0]}, prompt {s.model.prompt.shape[0]}, {torch.get_num_threads()} threads")
+two_ways(s, which, {"SDPA's GQA": lambda work: way(True, work), "repeat_kv": lambda work: way(False, work)})
