@@ -25,6 +25,7 @@ PARTS = ("meta", "pt", "eval", "api")
 ALGORITHMS = ("maml", "fomaml", "reptile")  # those bench/reference.py writes the paper's loop for
 SOURCES = ("sms_spam", "disaster_tweets", "sarcasm_headlines", "trec_coarse")
 TARGET = "rotten_tomatoes_sentiment"
+PARALLEL = {"auto": None, "on": True, "off": False}  # --parallel-episodes: upstream.parallel_episodes
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,8 +45,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inner-lr", type=float, default=3e-5)
     p.add_argument("--batch-episodes", action="store_true",
                    help="primer runs each meta-batch's episodes in one forward (upstream.batch_episodes)")
-    p.add_argument("--parallel-episodes", action="store_true",
-                   help="primer runs each meta-batch's episodes in parallel threads on a CPU (upstream.parallel_episodes)")
+    p.add_argument("--parallel-episodes", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="primer runs each meta-batch's episodes in parallel threads on a CPU (upstream.parallel_episodes): "
+                        "auto (primer's default: for MAML only), on (alone: on) or off")
     p.add_argument("--meta-steps", type=int, default=3, help="outer steps per repeat")
     p.add_argument("--pt-steps", type=int, default=10, help="prompt-tuning steps per repeat")
     p.add_argument("--eval-examples", type=int, default=128)
@@ -118,7 +120,7 @@ def setup(args):
                  batch_size=args.batch_size, inner_lr=args.inner_lr, eval_examples=args.eval_examples,
                  smoke=args.smoke, profile=args.profile, other=other, dtypes=(args.dtype, theirs),
                  batch_episodes=args.batch_episodes,
-                 parallel_episodes=args.parallel_episodes)
+                 parallel_episodes=PARALLEL[args.parallel_episodes])
 
 
 def _ref(name: str):
@@ -133,7 +135,7 @@ def machine(args) -> dict:
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": args.device, "backbone": args.backbone, "dtype": args.dtype,
             "reference_dtype": args.reference_dtype or args.dtype, "batch_episodes": args.batch_episodes,
-            "parallel_episodes": args.parallel_episodes}
+            "parallel_episodes": PARALLEL[args.parallel_episodes]}
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

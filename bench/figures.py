@@ -43,7 +43,7 @@ class Setup:
     other: SoftPromptModel | None = None  # the reference implementations' backbone, if in another precision
     dtypes: tuple[str, str] = ("fp32", "fp32")  # primer's, the reference implementations'
     batch_episodes: bool = False  # primer's meta-batch in one forward
-    parallel_episodes: bool = False  # primer's episodes in parallel threads
+    parallel_episodes: bool | None = None  # primer's episodes in parallel threads (None: primer's default)
 
     @property
     def ref(self) -> SoftPromptModel:

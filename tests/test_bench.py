@@ -2,6 +2,8 @@
 reference implementations are checked equal to primer's on the way, nothing is timed."""
 import json
 
+import pytest
+
 from bench.__main__ import main, parse
 
 
@@ -66,34 +68,33 @@ def test_batched_episodes_are_checked_against_the_paper_loop_one_episode_at_a_ti
         assert ours["episodes"] == "batched" and ours["grad_relative_diff"] < 1e-3
 
 
-def test_episodes_in_parallel_threads_are_checked_against_the_paper_loop(tiny_dir, capsys):
+@pytest.mark.parametrize("flag,setting,threaded", [([], None, {"maml"}),  # primer's default: MAML only
+                                                   (["--parallel-episodes"], True, {"maml", "fomaml", "reptile"}),
+                                                   (["--parallel-episodes", "off"], False, set())])
+def test_episodes_in_parallel_threads_are_checked_against_the_paper_loop(tiny_dir, capsys, flag, setting, threaded):
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # one episode per thread, whatever the machine
     try:
-        assert main(["--smoke", "--backbone", str(tiny_dir["causal"]), "--parts", "meta", "--parallel-episodes",
-                     "--one-process"]) == 0
+        assert main(["--smoke", "--backbone", str(tiny_dir["causal"]), "--parts", "meta", *flag, "--one-process"]) == 0
     finally:
         torch.set_num_threads(threads)
     lines = {(d["figure"], d["impl"]): d for d in map(json.loads, capsys.readouterr().out.splitlines())}
-    assert lines[("machine", "-")]["parallel_episodes"] is True
+    assert lines[("machine", "-")]["parallel_episodes"] is setting
     for algorithm in ("maml", "fomaml", "reptile"):
         ours = lines[(f"meta/{algorithm}", "primer")]
-        assert ours["episodes"] == "2 in parallel threads" and ours["grad_relative_diff"] < 1e-3
+        assert ours["episodes"] == ("2 in parallel threads" if algorithm in threaded else "one at a time")
+        assert ours["grad_relative_diff"] < 1e-3
 
 
 def test_an_unknown_part_is_named_with_the_accepted_ones(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         parse(["--parts", "meta,speed"])
     assert "unknown part(s) speed; accepted: meta, pt, eval, api" in capsys.readouterr().err
 
 
 def test_an_unknown_algorithm_is_named_with_the_accepted_ones(capsys):
-    import pytest
-
     with pytest.raises(SystemExit):
         parse(["--algorithms", "maml,anil"])
     assert "unknown algorithm(s) anil; accepted: maml, fomaml, reptile" in capsys.readouterr().err

@@ -142,7 +142,7 @@ def test_episodes_in_parallel_threads_give_the_gradient_of_one_at_a_time(tiny_di
         torch.set_num_threads(threads)
 
 
-def test_episodes_run_in_parallel_only_when_asked_and_at_most_one_per_core(tiny_dir):
+def test_episodes_run_in_parallel_for_second_order_methods_or_when_asked_and_at_most_one_per_core(tiny_dir):
     from core.algorithms.upstream import UpstreamConfig, episode_threads
 
     backbone = load(str(tiny_dir["causal"]))
@@ -150,9 +150,11 @@ def test_episodes_run_in_parallel_only_when_asked_and_at_most_one_per_core(tiny_
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for algorithm, parallel in [("maml", 2), ("metapt", 2), ("fomaml", 2), ("reptile", 2), ("mtl", 1)]:
-            assert episode_threads(model, UpstreamConfig(algorithm).resolved()) == 1, algorithm
+        for algorithm, parallel, default in [("maml", 2, 2), ("metapt", 2, 2), ("fomaml", 2, 1), ("reptile", 2, 1),
+                                             ("mtl", 1, 1)]:
+            assert episode_threads(model, UpstreamConfig(algorithm).resolved()) == default, algorithm
             assert episode_threads(model, UpstreamConfig(algorithm, parallel_episodes=True).resolved()) == parallel
+            assert episode_threads(model, UpstreamConfig(algorithm, parallel_episodes=False).resolved()) == 1
         assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True, batch_episodes=True).resolved()) == 1
         assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True, meta_batch=4).resolved()) == 2
         torch.set_num_threads(1)

@@ -5,7 +5,8 @@ Each algorithm is one function (model, prompt, episodes, inner_lr, inner_steps) 
 summed over the episodes, their losses) plus the paper's defaults for it (the MPT code's run
 scripts). The loop gives it one episode at a time, as the paper; the whole meta-batch at once
 (`batch_episodes`); or, on a CPU, the episodes one each to as many threads at once, sharing the
-cores (`parallel_episodes`). All three give the same meta-gradient up to float rounding.
+cores (`parallel_episodes`, the default for the second-order methods, MAML and MetaPT). All
+three give the same meta-gradient up to float rounding.
 """
 from __future__ import annotations
 
@@ -76,9 +77,9 @@ class UpstreamConfig:
     checkpoint_every: int = 0  # outer steps; 0: never
     # the meta-batch's episodes in one forward, one prompt copy per episode (the same gradient)
     batch_episodes: bool = False
-    # on a CPU, the episodes in parallel threads sharing the cores (the same gradient; faster for
-    # MAML, with one episode's memory per thread)
-    parallel_episodes: bool = False
+    # on a CPU, the episodes in parallel threads sharing the cores (the same gradient, with one
+    # episode's memory per thread); None: for the second-order methods only, where it pays
+    parallel_episodes: bool | None = None
 
     def resolved(self) -> "UpstreamConfig":
         a = ALGORITHMS[self.algorithm]
@@ -108,7 +109,8 @@ Checkpoint = Callable[[dict], None]
 
 def episode_threads(model: SoftPromptModel, cfg: UpstreamConfig) -> int:
     """How many of a resolved config's episodes run at once: 1, or up to one per CPU thread."""
-    if not cfg.parallel_episodes or cfg.batch_episodes or model.backbone.device.type != "cpu":
+    parallel = ALGORITHMS[cfg.algorithm].second_order if cfg.parallel_episodes is None else cfg.parallel_episodes
+    if not parallel or cfg.batch_episodes or model.backbone.device.type != "cpu":
         return 1
     return max(1, min(cfg.meta_batch, torch.get_num_threads()))
 
@@ -125,7 +127,7 @@ def meta_grad(model: SoftPromptModel, prompt: torch.Tensor, drawn: list, cfg: Up
     algo = ALGORITHMS[cfg.algorithm]
     if cfg.batch_episodes:
         return algo.grad(model, prompt, drawn, cfg.inner_lr, cfg.inner_steps)
-    threads = episode_threads(model, cfg)
+    threads = min(episode_threads(model, cfg), len(drawn))
     if threads == 1:
         done = [algo.grad(model, prompt, [e], cfg.inner_lr, cfg.inner_steps) for e in drawn]
     else:
