@@ -29,13 +29,12 @@ def fail(message: str) -> None:
 
 
 def user_errors():
-    """The errors a user causes with a spec or a name: one message, exit code 2, no traceback."""
-    from core.backbones import BackboneError
+    """The errors a user causes (a spec, a name, a file) or a download that failed: one message,
+    exit code 2, no traceback. Anything else is primer's own fault and keeps its traceback."""
+    from core.errors import UserError
     from core.fetch import FetchError
-    from core.spec import SpecError
-    from core.tasks import TaskError
 
-    return (SpecError, TaskError, BackboneError, FetchError, ValueError)
+    return (UserError, FetchError)
 
 
 def checkpoints_for(out: Path, job, fresh: bool):
@@ -43,14 +42,15 @@ def checkpoints_for(out: Path, job, fresh: bool):
     import json
     import shutil
 
+    from core.errors import UserError
     from core.experiment import DirCheckpoints
 
     directory, spec = out / "checkpoints", json.dumps(job.model_dump(), sort_keys=True)
     written = directory / "spec.json"
     if written.exists() and written.read_text() != spec:
         if not fresh:
-            raise ValueError(f"{directory} holds checkpoints of a different spec; pass --fresh to discard "
-                             "them, or choose another --out")
+            raise UserError(f"{directory} holds checkpoints of a different spec; pass --fresh to discard "
+                            "them, or choose another --out")
         shutil.rmtree(directory)
     return DirCheckpoints(directory, header=spec)
 

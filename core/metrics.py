@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from core.errors import UserError
+
 Predictions = Sequence[str]
 References = Sequence[Sequence[str]]  # a bare string is taken as its only answer, as CrossFit does
 
@@ -111,12 +113,12 @@ def _answers(references: Sequence[str] | str) -> list[str]:
 
 def _checked(metric: str, predictions: Predictions, references: References) -> list[list[str]]:
     if len(predictions) != len(references):
-        raise ValueError(
+        raise UserError(
             f"{metric}: got {len(predictions)} predictions but {len(references)} references; "
             "there must be one list of acceptable answers per prediction"
         )
     if not predictions:
-        raise ValueError(f"{metric}: no predictions to score")
+        raise UserError(f"{metric}: no predictions to score")
     return [_answers(r) for r in references]
 
 
@@ -137,7 +139,7 @@ def _gold(metric: str, predictions: Predictions, references: References) -> list
     answers = _checked(metric, predictions, references)
     for i, ans in enumerate(answers):
         if not ans:
-            raise ValueError(f"{metric}: example {i} has no reference answer")
+            raise UserError(f"{metric}: example {i} has no reference answer")
     return [ans[0] for ans in answers]
 
 
@@ -183,10 +185,10 @@ def pearson(predictions: Predictions, references: References) -> float:
     try:
         gold = np.array([float(g) for g in _gold("Pearson", predictions, references)])
     except ValueError as err:  # CrossFit would crash too: the gold of a Pearson task must be numbers
-        raise ValueError(f"Pearson: a reference answer is not a number ({err})") from None
+        raise UserError(f"Pearson: a reference answer is not a number ({err})") from None
     pred = np.array([_to_float(p) for p in predictions])
     if len(pred) < 2:
-        raise ValueError("Pearson: needs at least 2 examples")
+        raise UserError("Pearson: needs at least 2 examples")
     if (pred == pred[0]).all() or (gold == gold[0]).all():
         return float("nan")
     if len(pred) == 2:  # scipy's special case: the sign of the one slope
@@ -220,7 +222,7 @@ ALIASES = {"Matthew-Correlation": "MCC", "Pearson-Correlation": "Pearson"}
 def score(metric: str, predictions: Predictions, references: References) -> float:
     name = ALIASES.get(metric, metric)
     if name not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
+        raise UserError(f"unknown metric {metric!r}; valid metrics: {', '.join(METRICS)}")
     return METRICS[name](predictions, references)
 
 
@@ -235,7 +237,7 @@ def relative_gain(score_method: float, score_pt: float) -> float:
     comparable with the papers; read such tasks' gains with care.
     """
     if score_pt == 0:
-        raise ValueError(
+        raise UserError(
             "relative gain is undefined when the PT baseline scores 0 (division by zero); "
             "leave this task out of ARG or report its absolute scores"
         )
@@ -246,7 +248,7 @@ def arg(gains: Mapping[str, float] | Iterable[float]) -> float:
     """Average relative gain over target tasks, in percent as MPT reports it (0.05 -> 5.0)."""
     values = list(gains.values() if isinstance(gains, Mapping) else gains)
     if not values:
-        raise ValueError("ARG needs the relative gain of at least one task")
+        raise UserError("ARG needs the relative gain of at least one task")
     return 100.0 * float(np.mean(values))
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from core.backbones.load import Backbone
 from core.backbones.soft_prompt import check_prompt_length
+from core.errors import UserError
 
 TOP_VOCAB = 5000  # Lester et al. / the MPT paper: sample from the 5,000 most common tokens
 
@@ -53,15 +54,15 @@ def init_text(backbone: Backbone, n: int, g: torch.Generator, text: str = "", **
     """PEFT's TEXT init: the text's tokens, repeated or cut to length n."""
     ids = backbone.tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
-        raise ValueError("prompt init 'text' needs a non-empty 'text'")
+        raise UserError("prompt init 'text' needs a non-empty 'text'")
     return _embed(backbone, (ids * (n // len(ids) + 1))[:n])
 
 
 def init_file(backbone: Backbone, n: int, g: torch.Generator, path: str = "", **_) -> torch.Tensor:
     prompt = load_prompt(path)[0]
     if tuple(prompt.shape) != (n, backbone.dim):
-        raise ValueError(f"prompt file {path} holds a {tuple(prompt.shape)} prompt; "
-                         f"this run needs ({n}, {backbone.dim})")
+        raise UserError(f"prompt file {path} holds a {tuple(prompt.shape)} prompt; "
+                        f"this run needs ({n}, {backbone.dim})")
     return prompt
 
 
@@ -77,7 +78,7 @@ INITS: dict[str, Callable[..., torch.Tensor]] = {
 def init_prompt(backbone: Backbone, n: int, strategy: str = "vocab", seed: int = 0, **options) -> torch.Tensor:
     check_prompt_length(n)
     if strategy not in INITS:
-        raise ValueError(f"unknown prompt init {strategy!r}; accepted: {', '.join(INITS)}")
+        raise UserError(f"unknown prompt init {strategy!r}; accepted: {', '.join(INITS)}")
     g = torch.Generator().manual_seed(seed)
     return INITS[strategy](backbone, n, g, **options)
 
@@ -102,7 +103,7 @@ def prompt_from_bytes(data: bytes) -> torch.Tensor:
 
     tensors = load(data)
     if list(tensors) != ["prompt"]:
-        raise ValueError(f"not a primer prompt: it holds {list(tensors)}, expected one tensor 'prompt'")
+        raise UserError(f"not a primer prompt: it holds {list(tensors)}, expected one tensor 'prompt'")
     return tensors["prompt"]
 
 
@@ -111,12 +112,12 @@ def load_prompt(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
 
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"prompt file {path} does not exist")
+        raise UserError(f"prompt file {path} does not exist")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         keys = list(f.keys())
     if keys != ["prompt"]:
-        raise ValueError(f"{path} is not a primer prompt: it holds {keys}, expected one tensor 'prompt'")
+        raise UserError(f"{path} is not a primer prompt: it holds {keys}, expected one tensor 'prompt'")
     return load_file(str(path))["prompt"], meta
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.errors import UserError
 from core.names import ALGORITHM_NAMES as ALGORITHMS
 from core.names import INIT_NAMES as INITS
 from core.names import MAX_PROMPT_TOKENS, OPTIMIZERS
@@ -330,7 +331,7 @@ class JobSpec(Strict):
                 + (["ft"] if self.downstream.finetune else []))
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A spec that cannot run; the message names each bad field and what it accepts.
     `errors` holds the same as (field path, message) pairs, for an API's 422 body."""
 
@@ -362,7 +363,7 @@ def load_spec(path: str | Path) -> JobSpec:
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise SpecError(f"{path} is not valid YAML: {e}") from None
     return parse_spec(data)

@@ -92,6 +92,37 @@ def test_a_malformed_task_file_names_file_and_line(tmp_path, tiny_dir, crossfit_
     assert result.exit_code == 2 and "tiny_sentiment_2_13_train.tsv" in result.output and "line 2" in result.output
 
 
+def test_a_task_file_that_is_not_utf8_is_named_as_such(tmp_path, tiny_dir, crossfit_dir):
+    (crossfit_dir / "tiny_sentiment_2_13_train.tsv").write_bytes(b"the movie was caf\xe9\tpositive\n")
+    spec = write_spec(tmp_path / "s.yaml", backbone=str(tiny_dir["causal"]),
+                      targets=[{"name": "tiny_sentiment", "path": str(crossfit_dir), "type": "classification"}])
+    result = runner.invoke(app, ["run", str(spec), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "tiny_sentiment_2_13_train.tsv is not utf-8 text: byte 0xe9 does not decode" in result.output
+
+
+def test_primers_own_errors_keep_their_traceback_and_are_not_called_the_users(tmp_path, tiny_dir, crossfit_dir,
+                                                                             monkeypatch):
+    """A ValueError from primer's own code is a bug, not a bad spec: it is not shown as a user error
+    (exit 2, one line), where its traceback would be lost; a UserError still is."""
+    from core import experiment
+    from core.errors import UserError
+
+    spec = write_spec(tmp_path / "s.yaml", backbone=str(tiny_dir["causal"]),
+                      targets=[{"name": "tiny_sentiment", "path": str(crossfit_dir), "type": "classification"}])
+    for raised, code in [(ValueError("operands could not be broadcast together"), 1),
+                         (UserError("prompt file p.safetensors does not exist"), 2)]:
+        def run(*args, error=raised):
+            raise error
+        monkeypatch.setattr(experiment, "run", run)
+        result = runner.invoke(app, ["run", str(spec), "--out", str(tmp_path / "out"), "--fresh"])
+        assert result.exit_code == code, result.output
+        if code == 2:
+            assert result.output.strip().endswith("error: prompt file p.safetensors does not exist")
+        else:
+            assert result.exception is raised and "error:" not in result.output
+
+
 def test_missing_spec_file_and_unknown_task_show(tmp_path):
     result = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "does not exist" in result.output

@@ -5,7 +5,9 @@ import time
 import pytest
 
 from core import jobs
+from core.errors import UserError
 from core.store import Store
+from core.tasks import TaskError
 
 
 class Broker:
@@ -139,6 +141,28 @@ def test_a_worker_whose_lease_another_worker_took_stops_at_its_next_step(store, 
     assert store.beat(job.id, "start", "w2")
     assert any("another worker holds it now" in e.message for e in store.events(job.id))
     assert store.get_job(job.id).status == "queued"  # neither failed nor touched
+
+
+@pytest.mark.parametrize("error,code", [
+    (UserError("prompt has width 64 but backbone tiny embeds tokens in 32 dimensions"), "invalid_input"),
+    (TaskError("tiny_sentiment_2_13_train.tsv, line 2: no tab"), "invalid_task"),
+    (ValueError("operands could not be broadcast together"), "internal"),  # primer's own bug
+])
+def test_a_failed_step_says_whether_the_users_input_or_primer_failed(store, job, monkeypatch, error, code):
+    from worker import tasks
+
+    monkeypatch.setattr(tasks, "store", lambda: store)
+    jobs.send(store, Broker(), job.id, "start", "primer.start", [job.id])
+
+    def body():
+        raise error
+
+    with pytest.raises(type(error)):
+        tasks.run_step(job.id, "start", body)
+    failed = store.get_job(job.id)
+    assert failed.status == "failed" and failed.error_code == code
+    assert failed.error_message == f"{type(error).__name__}: {error}"
+    assert store.open_dispatches() == []  # released: nothing left for the reconciler to resend
 
 
 @pytest.mark.parametrize("broker", ["redis", "sqlite"])

@@ -305,3 +305,19 @@ def test_table_errors(tmp_path):
 
     with pytest.raises(TaskError, match=r"bad\.jsonl, line 1: not valid JSON"):
         read_table(write(tmp_path / "bad.jsonl", "{oops\n"), SENTIMENT, "text", "label")
+
+
+def test_a_file_that_is_not_in_its_encoding_is_the_files_fault_named_as_such(tmp_path):
+    """Latin-1 bytes where UTF-8 is read: a TaskError naming the file and the byte, not a bare
+    UnicodeDecodeError (which a caller would take for primer's own fault)."""
+    latin1 = "café,positive\n".encode("latin-1")
+    (tmp_path / "t.csv").write_bytes(b"text,label\n" + latin1)
+    with pytest.raises(TaskError, match=r"t\.csv is not utf-8-sig text: byte 0xe9 does not decode"):
+        read_table(tmp_path / "t.csv", SENTIMENT, "text", "label")
+    assert read_table(tmp_path / "t.csv", SENTIMENT, "text", "label", encoding="latin-1").examples[0].input == "café"
+    (tmp_path / "t.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "positive"}\n')
+    with pytest.raises(TaskError, match=r"t\.jsonl is not utf-8-sig text"):
+        read_table(tmp_path / "t.jsonl", SENTIMENT, "text", "label")
+    (tmp_path / "task.json").write_bytes('{"examples": []}'.encode("utf-16"))
+    with pytest.raises(TaskError, match=r"task\.json is not utf-8 text: byte 0xff does not decode"):
+        read_bigbench(tmp_path / "task.json")

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from core.backbones.soft_prompt import SoftPromptModel
+from core.errors import UserError
 from core.metrics import score
 from core.names import OPTIMIZERS
 from core.tasks.base import Example, Split, Task, TaskInfo
@@ -64,7 +65,7 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
                          warmup_init=False, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; accepted: {', '.join(OPTIMIZERS)}")
+    raise UserError(f"unknown optimizer {name!r}; accepted: {', '.join(OPTIMIZERS)}")
 
 
 def evaluate(model: SoftPromptModel, examples: list[Example], info: TaskInfo, batch_size: int = 32,

@@ -11,9 +11,10 @@ import torch
 
 from core.backbones.registry import REGISTRY, cached_dir
 from core.backbones.lean import use_lean
+from core.errors import UserError
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError):
     """The backbone name or files are not usable; the message says what is accepted."""
 
 

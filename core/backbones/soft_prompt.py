@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.errors import UserError
 from core.names import MAX_PROMPT_TOKENS
 
 from core.backbones.load import Backbone
@@ -51,7 +52,7 @@ class Segment:
 
 def check_prompt_length(n: int) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_PROMPT_TOKENS:
-        raise ValueError(f"prompt length must be an integer from 1 to {MAX_PROMPT_TOKENS}, got {n!r}")
+        raise UserError(f"prompt length must be an integer from 1 to {MAX_PROMPT_TOKENS}, got {n!r}")
     return n
 
 
@@ -81,8 +82,8 @@ class SoftPromptModel(nn.Module):
         if not (allow_empty and prompt.shape[0] == 0):  # empty: the fine-tuning baseline
             check_prompt_length(prompt.shape[0] if prompt.dim() == 2 else 0)
         if prompt.shape[1] != backbone.dim:
-            raise ValueError(f"prompt has width {prompt.shape[1]} but backbone {backbone.name!r} "
-                             f"embeds tokens in {backbone.dim} dimensions")
+            raise UserError(f"prompt has width {prompt.shape[1]} but backbone {backbone.name!r} "
+                            f"embeds tokens in {backbone.dim} dimensions")
         self.backbone = backbone  # a dataclass, not a submodule: its weights stay out of state_dict
         self.prompt = nn.Parameter(prompt.detach().clone().to(backbone.device, torch.float32))
         self.max_input_tokens = max_input_tokens

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from core.errors import UserError
+
 TASK_TYPES = ("classification", "multiple_choice", "qa", "generation", "regression")
 # Classification-like tasks are scored by ranking their option set; the rest generate.
 RANKED_TYPES = ("classification", "multiple_choice")
@@ -10,7 +12,7 @@ RANKED_TYPES = ("classification", "multiple_choice")
 SPLIT_SEEDS = (100, 13, 21, 42, 87)  # CrossFit's few-shot split seeds, in its order
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task, its files or its name is not usable; the message says what and what is accepted."""
 
 

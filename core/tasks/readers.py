@@ -10,6 +10,7 @@ was expected, never a bare KeyError.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -75,11 +76,21 @@ def parse_crossfit_line(line: str, where: str) -> Example | None:
     return Example(input=source, outputs=outputs)
 
 
+@contextlib.contextmanager
+def _decoded(path: PathLike, encoding: str = "utf-8"):
+    """Inside: a reader's pass over `path`, whose bytes that do not decode are the file's fault."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{path} is not {encoding} text: byte {e.object[e.start]:#04x} does not decode "
+                        f"({e.reason}); save it as {encoding}") from None
+
+
 def read_crossfit_file(path: PathLike) -> list[Example]:
     """All examples of one CrossFit TSV file; an empty file is an error."""
     path = Path(path)
     examples = []
-    with open(path, encoding="utf-8", newline="\n") as f:
+    with _decoded(path), open(path, encoding="utf-8", newline="\n") as f:
         # Only "\n" ends a line: a stray "\r" inside a field must not split it in two.
         for number, line in enumerate(f, start=1):
             example = parse_crossfit_line(line, f"{path}, line {number}")
@@ -233,7 +244,7 @@ def read_bigbench(
     """
     file = _task_json_path(path)
     try:
-        with open(file, encoding="utf-8") as f:
+        with _decoded(file), open(file, encoding="utf-8") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise TaskError(f"{file} does not exist; expected a BIG-bench task.json") from None
@@ -411,6 +422,8 @@ def _read_rows(
     needed = [*columns, output_col]
     rows = _csv_rows(path, needed, delimiter, encoding) if kind == "csv" else _jsonl_rows(path, encoding)
     examples = []
+    with _decoded(path, encoding):
+        rows = list(rows)
     for where, row in rows:
         missing = [c for c in needed if c not in row]
         if missing:
