@@ -420,10 +420,9 @@ def _read_rows(
     if not path.is_file():
         raise TaskError(f"{path} does not exist")
     needed = [*columns, output_col]
-    rows = _csv_rows(path, needed, delimiter, encoding) if kind == "csv" else _jsonl_rows(path, encoding)
-    examples = []
     with _decoded(path, encoding):
-        rows = list(rows)
+        rows = list(_csv_rows(path, needed, delimiter, encoding) if kind == "csv" else _jsonl_rows(path, encoding))
+    examples = []
     for where, row in rows:
         missing = [c for c in needed if c not in row]
         if missing:
