@@ -37,6 +37,18 @@ def user_errors():
     return (UserError, FetchError)
 
 
+# How a meta-batch's episodes run, not what they compute (the same gradient up to rounding): a
+# rerun may change them, say to one episode at a time after running out of memory, and resume.
+HOW_EPISODES_RUN = ("batch_episodes", "parallel_episodes")
+
+
+def _what_it_computes(spec: dict) -> dict:
+    upstream = spec.get("upstream")
+    if isinstance(upstream, dict):
+        upstream = {k: v for k, v in upstream.items() if k not in HOW_EPISODES_RUN}
+    return {**spec, "upstream": upstream}
+
+
 def checkpoints_for(out: Path, job, fresh: bool):
     """out/checkpoints, tied to the spec that wrote them: rerunning the same spec resumes there."""
     import json
@@ -47,7 +59,7 @@ def checkpoints_for(out: Path, job, fresh: bool):
 
     directory, spec = out / "checkpoints", json.dumps(job.model_dump(), sort_keys=True)
     written = directory / "spec.json"
-    if written.exists() and written.read_text() != spec:
+    if written.exists() and _what_it_computes(json.loads(written.read_text())) != _what_it_computes(json.loads(spec)):
         if not fresh:
             raise UserError(f"{directory} holds checkpoints of a different spec; pass --fresh to discard "
                             "them, or choose another --out")

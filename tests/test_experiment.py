@@ -178,6 +178,17 @@ def test_rerunning_with_another_spec_in_the_same_output_needs_fresh(spec_fields,
     assert store.load("upstream/maml") is None  # the other spec's checkpoints are gone
 
 
+def test_rerunning_with_the_episodes_run_another_way_resumes(spec_fields, tmp_path):
+    """One episode at a time instead of in parallel threads (after running out of memory, say), or
+    batched: the same meta-gradient, so the checkpoints still hold."""
+    from core.cli import checkpoints_for
+
+    checkpoints_for(tmp_path, parse_spec(spec_fields), fresh=False).save("upstream/maml", {"step": 1})
+    for how in ({"parallel_episodes": False}, {"parallel_episodes": True}, {"batch_episodes": True}):
+        changed = {**spec_fields, "upstream": {**spec_fields["upstream"], **how}}
+        assert checkpoints_for(tmp_path, parse_spec(changed), fresh=False).load("upstream/maml") == {"step": 1}
+
+
 def test_a_kept_backbone_is_left_as_it_was_found_by_every_method(spec_fields):
     """A worker hands the backbone it loaded for one job to the next (backbones.load_kept):
     no method, fine-tuning included, may change it in memory."""
