@@ -233,7 +233,8 @@ class UpstreamSpec(Strict):
     # on a CPU, the meta-batch's episodes in parallel threads, each with its share of the cores:
     # the same meta-gradient up to rounding; MAML 1.11-1.17x on 2 cores, for one episode's memory
     # per thread; the first-order methods gain little (docs/performance.md). null: on for the
-    # second-order methods (maml, metapt), off for the others; false: one at a time
+    # second-order methods (maml, metapt), at most 2 at once, off for the others; true: up to one
+    # per core; false: one at a time
     parallel_episodes: bool | None = None
     per_method: dict[str, MethodOptions] = Field(default_factory=dict)  # e.g. {reptile: {inner_steps: 3}}
     clustering: ClusteringSpec = Field(default_factory=ClusteringSpec)  # for the metapt and ppt methods

@@ -157,6 +157,9 @@ def test_episodes_run_in_parallel_for_second_order_methods_or_when_asked_and_at_
             assert episode_threads(model, UpstreamConfig(algorithm, parallel_episodes=False).resolved()) == 1
         assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True, batch_episodes=True).resolved()) == 1
         assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True, meta_batch=4).resolved()) == 2
+        torch.set_num_threads(8)  # the default: at most 2 at once (twice one episode's memory); asked: one per core
+        assert episode_threads(model, UpstreamConfig("maml", meta_batch=16).resolved()) == 2
+        assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True, meta_batch=16).resolved()) == 8
         torch.set_num_threads(1)
         assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True).resolved()) == 1
     finally:

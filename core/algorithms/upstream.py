@@ -107,12 +107,18 @@ class UpstreamResult:
 Checkpoint = Callable[[dict], None]
 
 
+# By default at most this many episodes at once (as measured, on 2 cores): at most twice one
+# episode's memory, however many cores and episodes; `parallel_episodes: true` goes up to one per core.
+DEFAULT_EPISODE_THREADS = 2
+
+
 def episode_threads(model: SoftPromptModel, cfg: UpstreamConfig) -> int:
     """How many of a resolved config's episodes run at once: 1, or up to one per CPU thread."""
     parallel = ALGORITHMS[cfg.algorithm].second_order if cfg.parallel_episodes is None else cfg.parallel_episodes
     if not parallel or cfg.batch_episodes or model.backbone.device.type != "cpu":
         return 1
-    return max(1, min(cfg.meta_batch, torch.get_num_threads()))
+    most = DEFAULT_EPISODE_THREADS if cfg.parallel_episodes is None else cfg.meta_batch
+    return max(1, min(cfg.meta_batch, torch.get_num_threads(), most))
 
 
 @functools.cache
