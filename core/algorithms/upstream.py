@@ -78,7 +78,8 @@ class UpstreamConfig:
     # the meta-batch's episodes in one forward, one prompt copy per episode (the same gradient)
     batch_episodes: bool = False
     # on a CPU, the episodes in parallel threads sharing the cores (the same gradient, with one
-    # episode's memory per thread); None: for the second-order methods only, where it pays
+    # episode's memory per thread); None: for the second-order methods only, where it pays, and
+    # at most DEFAULT_EPISODE_THREADS at once
     parallel_episodes: bool | None = None
 
     def resolved(self) -> "UpstreamConfig":
