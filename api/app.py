@@ -517,7 +517,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}</style></head><body>",
             f"<h1>{e(job.name)}</h1><p>job {e(job.id)}: {e(job.status)}, finished {e(S.iso(job.finished_at))}</p>",
             "<h2>ARG over plain prompt tuning</h2><table>", head("method", "ARG (%)"),
-            rows((m.method, f"{m.arg:+.2f}") for m in methods), "</table>",
+            rows((m.method, "n/a" if m.arg is None else f"{m.arg:+.2f}") for m in methods), "</table>",
             "<h2>Per target task</h2><table>", head("task", "method", "metric", "test (mean ± std)", "rel. gain"),
             rows((r.task, r.method, r.metric, f"{r.mean:.3f} ± {r.std:.3f}", gain(r.relative_gain)) for r in tasks),
             "</table>",

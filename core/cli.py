@@ -287,8 +287,8 @@ def _results_table(results: dict) -> str:
             gain = "" if r["relative_gain"] is None else f" ({100 * r['relative_gain']:+.1f}%)"
             shown.append(f"{r['mean']:.3f} ± {r['std']:.3f}{gain}")
         lines.append(f"| {t} | " + " | ".join(shown) + " |")
-    lines.append("| **ARG** | " + " | ".join(f"{results['arg'][m]:+.1f}%" if m in results["arg"] else "-"
-                                            for m in methods) + " |")
+    arg = lambda v: "n/a" if v is None else f"{v:+.1f}%"  # noqa: E731 (None: PT scored 0 on every task)
+    lines.append("| **ARG** | " + " | ".join(arg(results["arg"][m]) if m in results["arg"] else "-" for m in methods) + " |")
     return "\n".join(lines)
 
 

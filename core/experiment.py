@@ -90,26 +90,33 @@ class Results:
     selection: Selection | None = None  # when the sources were chosen by similarity
     clusters: Clusters | None = None  # MetaPT's meta-tasks
 
-    def gains(self) -> dict[str, dict[str, float]]:
-        """Relative gain of every method over PT, per target task."""
+    def gains(self) -> dict[str, dict[str, float | None]]:
+        """Relative gain of every method over PT, per target task (None where PT scored 0)."""
         return {m: {t: relative_gain(r[m].mean, r["pt"].mean) for t, r in self.tasks.items()}
                 for m in self.spec.methods if m != "pt"}
 
-    def arg(self) -> dict[str, float]:
+    def left_out(self) -> list[str]:
+        """The target tasks no ARG counts: PT scored 0 there, so no relative gain is defined."""
+        return [t for t, r in self.tasks.items() if r["pt"].mean == 0] if self.gains() else []
+
+    def arg(self) -> dict[str, float | None]:
+        """ARG (%) of each method over the tasks with a relative gain; None if there are none."""
         return {m: arg(g) for m, g in self.gains().items()}
 
     def _scores(self, method: str) -> dict[str, dict[int, float]]:
-        return {t: {r.seed: r.test for r in per[method].best} for t, per in self.tasks.items()}
+        return {t: {r.seed: r.test for r in per[method].best} for t, per in self.tasks.items()
+                if t not in self.left_out()}
 
-    def arg_intervals(self) -> dict[str, tuple[float, float]]:
+    def arg_intervals(self) -> dict[str, tuple[float, float] | None]:
         """95% bootstrap interval of each method's ARG over target tasks and split seeds."""
-        return {m: arg_interval(self._scores(m), self._scores("pt")) for m in self.gains()}
+        return {m: arg_interval(self._scores(m), self._scores("pt")) if v is not None else None
+                for m, v in self.arg().items()}
 
     def vs_mtl(self) -> dict[str, dict]:
         """Each method's ARG minus MTL's (points) with a paired 95% bootstrap interval: does
         learning to initialize beat plain multi-task training on the same sources?"""
         args = self.arg()
-        if "mtl" not in args:
+        if "mtl" not in args or args["mtl"] is None:
             return {}
         return {m: {"difference": args[m] - args["mtl"],
                     "ci95": arg_difference_interval(self._scores(m), self._scores("mtl"), self._scores("pt"))}
@@ -126,6 +133,7 @@ class Results:
             "relative_gain": self.gains(),
             "arg": self.arg(),
             "arg_95ci": self.arg_intervals(),
+            "left_out_of_arg": self.left_out(),
             "vs_mtl": self.vs_mtl(),
             "upstream": {m: {"steps": u.steps, "seconds": round(u.seconds, 1), "curve": u.curve}
                          for m, u in self.upstream.items()},

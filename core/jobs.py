@@ -310,7 +310,7 @@ def aggregate(store, job_id: str) -> None:
     from core.algorithms.upstream import UpstreamResult
     from core.experiment import Clusters, Results, task_result
     from core.prompts import prompt_from_bytes
-    from core.report import write
+    from core.report import percent, write
     from core.similarity import Selection
     from core.tasks import load_task
 
@@ -362,7 +362,9 @@ def aggregate(store, job_id: str) -> None:
             if path.parent == Path(tmp):
                 kind = {".png": "image/png", ".json": "application/json", ".md": "text/markdown"}[path.suffix]
                 store.save_artifact(job_id, path.name, kind, path.read_bytes())
-    store.add_event(job_id, "results: " + ", ".join(f"ARG {m} {v:+.1f}%" for m, v in results.arg().items()))
+    if left := results.left_out():
+        store.add_event(job_id, f"left out of ARG: {', '.join(left)} (PT scored 0, so no relative gain is defined)")
+    store.add_event(job_id, "results: " + ", ".join(f"ARG {m} {percent(v, 1, unit='%')}" for m, v in results.arg().items()))
     store.set_status(job_id, "succeeded", phase="done")
 
 

@@ -229,27 +229,26 @@ def score(metric: str, predictions: Predictions, references: References) -> floa
 # --- comparing methods ---------------------------------------------------------------------------
 
 
-def relative_gain(score_method: float, score_pt: float) -> float:
-    """(method - PT) / PT, the per-task gain that ARG averages.
+def relative_gain(score_method: float, score_pt: float) -> float | None:
+    """(method - PT) / PT, the per-task gain that ARG averages; None where PT scored exactly 0
+    (a classifier that always answers one label has an MCC of 0): there it is undefined, and
+    `arg` leaves the task out.
 
     The plain formula, as CrossFit and MPT use it, even for MCC/Pearson baselines below 0: there
     a better method gives a NEGATIVE gain (and a tiny baseline a huge one). We keep it so ARG is
     comparable with the papers; read such tasks' gains with care.
     """
-    if score_pt == 0:
-        raise UserError(
-            "relative gain is undefined when the PT baseline scores 0 (division by zero); "
-            "leave this task out of ARG or report its absolute scores"
-        )
-    return (score_method - score_pt) / score_pt
+    return None if score_pt == 0 else (score_method - score_pt) / score_pt
 
 
-def arg(gains: Mapping[str, float] | Iterable[float]) -> float:
-    """Average relative gain over target tasks, in percent as MPT reports it (0.05 -> 5.0)."""
+def arg(gains: Mapping[str, float | None] | Iterable[float | None]) -> float | None:
+    """Average relative gain over target tasks, in percent as MPT reports it (0.05 -> 5.0).
+    Undefined gains (None) are left out; None if no task has one."""
     values = list(gains.values() if isinstance(gains, Mapping) else gains)
     if not values:
         raise UserError("ARG needs the relative gain of at least one task")
-    return 100.0 * float(np.mean(values))
+    defined = [v for v in values if v is not None]
+    return 100.0 * float(np.mean(defined)) if defined else None
 
 
 Scores = Mapping[str, Mapping[int, float]]  # task -> split seed -> test score

@@ -8,6 +8,11 @@ from core.experiment import Results
 from core.prompts import save_prompt
 
 
+def percent(value: float | None, digits: int = 2, scale: float = 1.0, unit: str = "") -> str:
+    """A signed percentage, or "n/a" where none is defined (PT scored 0)."""
+    return "n/a" if value is None else f"{scale * value:+.{digits}f}{unit}"
+
+
 def markdown(results: Results) -> str:
     spec = results.spec
     lines = [f"# {spec.name}", "",
@@ -38,10 +43,13 @@ def markdown(results: Results) -> str:
         lines += ["## ARG over plain prompt tuning", "",
                   "| method | ARG (%) | 95% bootstrap CI (tasks × seeds) | upstream steps | upstream min |",
                   "|---|---|---|---|---|"]
-        interval = lambda m: f"[{ci[m][0]:+.2f}, {ci[m][1]:+.2f}]"  # noqa: E731
-        lines += [f"| {m} | {args[m]:+.2f} | {interval(m)} | {u.steps} | {u.seconds / 60:.1f} |"
+        interval = lambda m: "n/a" if ci[m] is None else f"[{ci[m][0]:+.2f}, {ci[m][1]:+.2f}]"  # noqa: E731
+        lines += [f"| {m} | {percent(args[m])} | {interval(m)} | {u.steps} | {u.seconds / 60:.1f} |"
                   for m, u in results.upstream.items()]
-        lines += [f"| ft | {args['ft']:+.2f} | {interval('ft')} | — | — |"] if "ft" in args else []
+        lines += [f"| ft | {percent(args['ft'])} | {interval('ft')} | — | — |"] if "ft" in args else []
+        if left := results.left_out():
+            lines += ["", f"Left out of every ARG: {', '.join(left)}. Plain prompt tuning scored 0 there, "
+                      "so no relative gain is defined; the absolute scores are below."]
         if vs := results.vs_mtl():
             lines += ["", "## Against multi-task learning on the same sources", "",
                       "| method | ARG − ARG(mtl) (points) | paired 95% bootstrap CI |", "|---|---|---|"]
@@ -53,7 +61,7 @@ def markdown(results: Results) -> str:
               "|---|---|---|---|---|---|"]
     for task, methods in results.tasks.items():
         for method, r in methods.items():
-            gain = f"{100 * gains[method][task]:+.1f}%" if method in gains else "—"
+            gain = percent(gains[method][task], 1, 100, "%") if method in gains else "—"
             seeds = "; ".join(f"{b.seed}: {b.test:.3f} @ {b.lr:g} ({b.curve[0]['dev']:.3f} → {b.best_dev:.3f}, "
                               f"step {b.best_step})" for b in r.best)
             lines.append(f"| {task} | {method} | {r.metric} | {r.mean:.3f} ± {r.std:.3f} | {gain} | {seeds} |")
@@ -88,8 +96,9 @@ def plots(results: Results, out: Path) -> list[Path]:
         fig, ax = _figure(max(5, 1.2 * len(tasks) * len(gains) / 2 + 2))
         width = 0.8 / len(gains)
         for i, (method, per_task) in enumerate(gains.items()):
-            ax.bar([t + i * width for t in range(len(tasks))], [100 * per_task[t] for t in tasks], width,
-                   label=f"{method} (ARG {results.arg()[method]:+.1f}%)")
+            ax.bar([t + i * width for t in range(len(tasks))],  # no bar where no gain is defined
+                   [float("nan") if per_task[t] is None else 100 * per_task[t] for t in tasks], width,
+                   label=f"{method} (ARG {percent(results.arg()[method], 1, unit='%')})")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=20, ha="right")
         ax.set_ylabel("relative gain over PT (%)")
@@ -135,7 +144,7 @@ def sweep_markdown(sweep) -> str:
              "| " + sweep.spec.sweep.field + " | " + " | ".join(table) + " |",
              "|---|" + "---|" * len(table)]
     for i, (value, _) in enumerate(sweep.runs):
-        lines.append(f"| {_label(value)} | " + " | ".join(f"{table[m][i]:+.2f}" for m in table) + " |")
+        lines.append(f"| {_label(value)} | " + " | ".join(percent(table[m][i]) for m in table) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +154,7 @@ def sweep_plot(sweep, path: Path) -> Path:
     xs = values if numeric else [len(v) if isinstance(v, list) else i for i, v in enumerate(values)]
     fig, ax = _figure()
     for method, args in sweep.table().items():
-        ax.plot(xs, args, marker="o", label=method)
+        ax.plot(xs, [float("nan") if a is None else a for a in args], marker="o", label=method)
     ax.axhline(0, color="black", linewidth=0.8)
     lists = any(isinstance(v, list) for v in values)
     if not numeric and not lists:  # named values (a clustering method, an optimizer): one tick each

@@ -284,6 +284,40 @@ def test_results_and_report_wait_for_success_then_show_every_table(api, store):
     assert api.client.get(f"/jobs/{job_id}/artifacts/relative_gain.png", headers=api.bob).status_code == 404
 
 
+def test_a_target_where_pt_scored_0_is_left_out_of_arg_and_the_job_still_succeeds(api, store):
+    """PT that collapses to one label scores 0 (MCC, F1 of the other class): no relative gain is
+    defined there. The worker's aggregation leaves that task out of ARG and says so; where no
+    task is left, ARG is null, not a failed job."""
+    def scored(targets, tests):
+        spec = {**SPEC, "backbone": "tiny", "targets": targets,
+                "downstream": {**SPEC["downstream"], "finetune": True, "ft_lrs": [1e-5]}}
+        job_id = api.submit(spec).json()["id"]
+        for (task, method), test in tests.items():
+            lr = 1e-5 if method == "ft" else 0.3
+            store.save_score(job_id=job_id, method=method, task=task, seed=13, lr=lr, metric="Classification-F1",
+                             dev=0.5, test=test, best_step=5, steps=10, seconds=1.0, curve=[{"step": 0, "dev": 0.5}])
+        core_jobs.aggregate(store, job_id)
+        assert store.get_job(job_id).status == "succeeded"
+        return job_id, api.client.get(f"/jobs/{job_id}/results", headers=api.alice).json()
+
+    job_id, results = scored(["sms_spam", "disaster_tweets"], {
+        ("sms_spam", "pt"): 0.0, ("sms_spam", "ft"): 0.4, ("disaster_tweets", "pt"): 0.5, ("disaster_tweets", "ft"): 0.6})
+    assert results["arg"] == {"ft": pytest.approx(20.0)}
+    gains = {(r["task"], r["method"]): r["relative_gain"] for r in results["tasks"]}
+    assert gains[("sms_spam", "ft")] is None and gains[("disaster_tweets", "ft")] == pytest.approx(0.2)
+    events = [e["message"] for e in api.client.get(f"/jobs/{job_id}/events", headers=api.alice).json()["events"]]
+    assert "left out of ARG: sms_spam (PT scored 0, so no relative gain is defined)" in events
+    assert "results: ARG ft +20.0%" in events
+    md = api.client.get(f"/jobs/{job_id}/artifacts/results.md", headers=api.alice).text
+    assert "Left out of every ARG: sms_spam." in md and "| sms_spam | ft | Classification-F1 | 0.400 ± 0.000 | n/a |" in md
+    assert "| ft | +20.00 |" in md
+
+    job_id, results = scored(["sms_spam"], {("sms_spam", "pt"): 0.0, ("sms_spam", "ft"): 0.4})
+    assert results["arg"] == {"ft": None}
+    assert "<td>ft</td><td>n/a</td>" in api.client.get(f"/jobs/{job_id}/report", headers=api.alice).text
+    assert "| ft | n/a | n/a | — | — |" in api.client.get(f"/jobs/{job_id}/artifacts/results.md", headers=api.alice).text
+
+
 @pytest.fixture
 def prompt(api, store):
     job_id = api.submit().json()["id"]

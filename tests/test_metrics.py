@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from core.metrics import METRICS, arg, normalize_answer, relative_gain, score
+from core.metrics import METRICS, arg, matthews_corr, normalize_answer, relative_gain, score
 
 
 def test_registry_holds_the_seven_crossfit_metrics():
@@ -218,9 +218,12 @@ def test_relative_gain_keeps_the_plain_formula_for_negative_baselines():
     assert relative_gain(0.2, -0.1) == pytest.approx(-3.0)
 
 
-def test_relative_gain_over_a_zero_baseline_is_an_error():
-    with pytest.raises(ValueError, match="baseline scores 0"):
-        relative_gain(0.3, 0.0)
+def test_relative_gain_over_a_zero_baseline_is_undefined_and_arg_leaves_that_task_out():
+    # PT that always answers one label scores MCC 0: no gain is defined, the other tasks still count
+    collapsed = matthews_corr(["unacceptable"] * 4, [["acceptable"], ["unacceptable"]] * 2)
+    assert collapsed == 0 and relative_gain(0.3, collapsed) is None
+    assert arg({"glue-cola": None, "glue-rte": 0.2, "superglue-cb": -0.1}) == pytest.approx(5.0)
+    assert arg({"glue-cola": None}) is None
 
 
 def test_arg_is_the_mean_gain_in_percent():

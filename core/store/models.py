@@ -134,7 +134,7 @@ class MethodResult(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     method: Mapped[str] = mapped_column(String(32))
-    arg: Mapped[float] = mapped_column(Float)
+    arg: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: PT scored 0 on every target task
 
 
 class Event(Base):
