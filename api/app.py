@@ -181,7 +181,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
                broker_ping: Callable[[], object] | None = None) -> FastAPI:
     from core import jobs as core_jobs
     from core.spec import SpecError
-    from core.store import IdempotencyConflict, Store, StoreError, TaskExists
+    from core.store import IdempotencyConflict, Store, StoreError, TaskExists, key_hash
     from core.tasks import catalog, packs, readers
     from core.tasks.base import TaskError, TaskInfo
 
@@ -285,12 +285,23 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
 
     # --- auth and lookups ---------------------------------------------------------------------
     bearer = HTTPBearer(auto_error=False, description="an API key")
-    limiter = RateLimiter(settings().rate_limit)
+    limiter, failures = RateLimiter(settings().rate_limit), RateLimiter(settings().auth_failure_limit)
+    known: set[str] = set()  # hashes of the keys this process found valid: an address's failures do not hold them back
 
-    def auth(creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
-        key = store.authenticate(creds.credentials) if creds else None
-        if key is None:
+    def auth(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)):
+        if creds is None:
             raise unauthorized()
+        digest, address = key_hash(creds.credentials), request.client.host if request.client else "unknown"
+        if digest not in known and (wait := failures.wait(address)):
+            raise HTTPException(429, f"too many failed authentications from {address}: at most "
+                                     f"{failures.per_minute} a minute per client address; retry in {wait} s with a "
+                                     "valid API key", headers={"Retry-After": str(wait)})
+        key = store.authenticate(creds.credentials)
+        if key is None:
+            known.discard(digest)  # revoked since
+            failures.take(address)
+            raise unauthorized()
+        known.add(digest)
         wait = limiter.take(key.id)
         if wait:
             raise HTTPException(429, f"rate limit reached: at most {limiter.per_minute} requests per minute per API "

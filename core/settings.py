@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # Requests per minute per API key, in bursts of up to as many; 0 turns the limit off. Counted
     # in each API process's memory: N API processes let a key make N times as many.
     rate_limit: int = 1200
+    # Failed authentications per minute per client address (in bursts of as many), after which the
+    # address gets 429s without a store lookup until its bucket refills; keys this API process
+    # has found valid are not held back (clients behind one proxy). 0 turns it off.
+    auth_failure_limit: int = 60
     max_body_bytes: int = 1024 * 1024  # JSON bodies (specs)
     cors_origins: str = ""  # comma-separated; CORS is off unless set
     # The client (`primer submit`): where the API is and the key it sends.

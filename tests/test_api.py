@@ -29,6 +29,7 @@ def env(monkeypatch, tiny_dir):
     monkeypatch.delenv("PRIMER_CROSSFIT_DIR", raising=False)
     monkeypatch.delenv("PRIMER_CORS_ORIGINS", raising=False)
     monkeypatch.delenv("PRIMER_RATE_LIMIT", raising=False)
+    monkeypatch.delenv("PRIMER_AUTH_FAILURE_LIMIT", raising=False)
     settings.cache_clear()
     yield monkeypatch
     settings.cache_clear()

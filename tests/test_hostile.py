@@ -449,6 +449,33 @@ def test_the_rate_limit_is_off_at_zero(store, env):
     assert all(api.client.get("/backbones", headers=api.alice).status_code == 200 for _ in range(50))
 
 
+def test_failed_authentications_are_limited_per_address_without_holding_back_known_keys(store, env, monkeypatch):
+    env.setenv("PRIMER_AUTH_FAILURE_LIMIT", "3")
+    settings.cache_clear()
+    clock = [1000.0]
+    monkeypatch.setattr("api.limits.time.monotonic", lambda: clock[0])
+    api = Api(store)
+    assert api.client.get("/jobs", headers=api.alice).status_code == 200  # this process now knows alice's key
+    lookups, authenticate = [], store.authenticate
+    monkeypatch.setattr(store, "authenticate", lambda secret: lookups.append(secret) or authenticate(secret))
+    guess = {"Authorization": "Bearer pk_guess"}
+    assert [api.client.get("/jobs", headers=guess).status_code for _ in range(3)] == [401] * 3
+    r = api.client.get("/jobs", headers=guess)
+    assert r.status_code == 429 and r.headers["retry-after"] == "20"
+    assert r.json()["detail"] == ("too many failed authentications from testclient: at most 3 a minute per client "
+                                  "address; retry in 20 s with a valid API key")
+    assert len(lookups) == 3  # the fourth guess never reached the store
+    assert api.client.get("/jobs", headers=api.alice).status_code == 200  # a key found valid before goes on
+    assert api.client.get("/jobs", headers=api.bob).status_code == 429  # one not seen yet waits with the guesses
+    assert api.client.get("/jobs").status_code == 401  # no key, no lookup to spare: the plain answer
+    store.revoke_key(api.alice_key.id)
+    assert api.client.get("/jobs", headers=api.alice).status_code == 401  # known is no pass: the store decides
+    assert api.client.get("/jobs", headers=api.alice).status_code == 429  # and it is known no more
+    clock[0] += 20
+    assert api.client.get("/jobs", headers=api.bob).status_code == 200  # the bucket refilled by one
+    R.count("security", "failed-authentication floods refused per address (429) before a store lookup", 3)
+
+
 def id_routes(app) -> set[str]:
     return {f"{sorted(r.methods)[0]} {r.path}" for r in app.routes if "{" in r.path}
 
