@@ -419,12 +419,18 @@ def test_a_revoked_key_gets_401_everywhere(api, store):
     R.count("security", "requests with a revoked key refused (401)", len(paths) + 2)
 
 
-def test_the_rate_limit_is_per_key_and_says_when_to_come_back(store, env, monkeypatch):
-    env.setenv("PRIMER_RATE_LIMIT", "6")
+def limited(store, env, monkeypatch, **limits) -> tuple[Api, list[float]]:
+    """An API under these PRIMER_* limits, and the clock its buckets read (moved by hand)."""
+    for name, value in limits.items():
+        env.setenv(f"PRIMER_{name}", str(value))
     settings.cache_clear()
     clock = [1000.0]
     monkeypatch.setattr("api.limits.time.monotonic", lambda: clock[0])
-    api = Api(store)
+    return Api(store), clock
+
+
+def test_the_rate_limit_is_per_key_and_says_when_to_come_back(store, env, monkeypatch):
+    api, clock = limited(store, env, monkeypatch, RATE_LIMIT=6)
     for _ in range(6):  # a burst of a minute's worth
         assert api.client.get("/jobs", headers=api.alice).status_code == 200
     r = api.client.get("/jobs", headers=api.alice)
@@ -450,11 +456,7 @@ def test_the_rate_limit_is_off_at_zero(store, env):
 
 
 def test_failed_authentications_are_limited_per_address_without_holding_back_known_keys(store, env, monkeypatch):
-    env.setenv("PRIMER_AUTH_FAILURE_LIMIT", "3")
-    settings.cache_clear()
-    clock = [1000.0]
-    monkeypatch.setattr("api.limits.time.monotonic", lambda: clock[0])
-    api = Api(store)
+    api, clock = limited(store, env, monkeypatch, AUTH_FAILURE_LIMIT=3)
     assert api.client.get("/jobs", headers=api.alice).status_code == 200  # this process now knows alice's key
     lookups, authenticate = [], store.authenticate
     monkeypatch.setattr(store, "authenticate", lambda secret: lookups.append(secret) or authenticate(secret))
