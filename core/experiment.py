@@ -18,7 +18,7 @@ import torch
 
 from core import backbones
 from core.algorithms.finetune import finetune
-from core.algorithms.pt import RunResult, TaskResult, TrainConfig, prompt_tune, train_prompt
+from core.algorithms.pt import RunResult, TaskResult, TrainConfig, best_of, prompt_tune, train_prompt
 from core.algorithms.upstream import UpstreamConfig, UpstreamResult, meta_train
 from core.backbones.soft_prompt import SoftPromptModel
 from core.metrics import arg, arg_difference_interval, arg_interval, relative_gain
@@ -308,7 +308,7 @@ def task_result(task: Task, seeds: list[int], lrs: list[float], runs: list[RunRe
     """The paper's protocol over finished cells: per seed, the lr with the best dev score (ties:
     the first of the grid), whose test score counts."""
     ordered = sorted(runs, key=lambda r: (seeds.index(r.seed), lrs.index(r.lr)))
-    best = [max((r for r in ordered if r.seed == seed), key=lambda r: r.best_dev) for seed in seeds]
+    best = [best_of([r for r in ordered if r.seed == seed]) for seed in seeds]
     return TaskResult(task.name, task.info.metric, ordered, best)
 
 

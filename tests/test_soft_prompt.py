@@ -2,11 +2,12 @@
 the shortcuts (answer-only LM head, rows packed end to end, the prompt's KV cache shared by a batch, KV-cache greedy
 decoding) give the plain model's numbers."""
 import hashlib
+import math
 
 import pytest
 import torch
 
-from core.algorithms.pt import TrainConfig, train_prompt
+from core.algorithms.pt import RunResult, TrainConfig, best_of, train_prompt
 from core.backbones.soft_prompt import SoftPromptModel, plan_packs
 from core.prompts import init_prompt
 from core.tasks.base import Example, Split, TaskInfo
@@ -39,6 +40,23 @@ def test_only_the_prompt_trains_and_the_backbone_stays_bit_identical(tiny_backbo
     assert model.loss(TRAIN).item() < first * 0.7  # the loss really goes down
     assert not torch.equal(model.prompt.detach(), start)  # the prompt moved ...
     assert fingerprint(tiny_backbone.model) == before  # ... and not one backbone bit did
+
+
+def test_a_nan_dev_score_beats_nothing_and_anything_beats_it(tiny_backbone, monkeypatch):
+    # CrossFit's Pearson of constant predictions is NaN, as a fresh prompt's dev score may well be:
+    # as in CrossFit, whose best starts below every score, the scores reached later still count.
+    scripted = iter([float("nan"), 0.2, float("nan"), 0.5, 0.1])
+    monkeypatch.setattr("core.algorithms.pt.evaluate", lambda *a, **k: next(scripted))
+    model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 5, "vocab"))
+    cfg = TrainConfig(batch_size=4, max_steps=4, eval_every=1, optimizer="adamw", weight_decay=0.0)
+    run = train_prompt(model, Split(train=TRAIN, dev=TRAIN, test=[], seed=100, k=2), SENTIMENT,
+                       model.prompt.detach().clone(), lr=0.1, cfg=cfg)
+    assert (run.best_dev, run.best_step) == (0.5, 3)
+    devs = [c["dev"] for c in run.curve if "dev" in c]
+    assert math.isnan(devs[0]) and devs[1:] == [0.2, devs[2], 0.5, 0.1] and math.isnan(devs[2])
+    runs = [RunResult(100, lr, dev, 0, None, 4, 1.0) for lr, dev in ((0.1, float("nan")), (0.3, 0.4), (1.0, 0.4))]
+    assert best_of(runs).lr == 0.3  # the lr grid's choice: NaN the worst, ties to the first
+    assert best_of(runs[:1]).lr == 0.1
 
 
 def test_rank_classification_picks_the_most_likely_option_of_each_example(tiny_backbone):

@@ -1,5 +1,6 @@
 """The store on SQLite and Postgres: migrations, keys, jobs, progress, prompts, scores, results,
 checkpoints and uploaded tasks. Every test but the migration one runs on both databases."""
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,6 +70,25 @@ def test_migrations_go_up_down_and_up_again_and_match_the_models(empty_url):
                              f"({store.engine.dialect.name})")
     finally:
         store.engine.dispose()
+
+
+def test_nan_scores_losses_and_gains_are_stored_and_read_back_as_nan(store):
+    # CrossFit's Pearson of constant predictions is NaN, and so is a diverging run's loss: SQLite's
+    # REAL would make NaN a NULL (refused where a score is required) and JSON has no NaN at all.
+    key, _ = store.create_key("alice")
+    job, _ = store.create_job(key.id, "j", {"name": "j"}, "h", {})
+    nan = float("nan")
+    store.save_score(job_id=job.id, method="pt", task="t", seed=1, lr=0.1, metric="Pearson", dev=nan, test=nan,
+                     best_step=0, steps=1, seconds=1.0, curve=[{"step": 0, "dev": nan}, {"step": 1, "loss": 0.5}])
+    row = store.get_score(job.id, "pt", "t", 1, 0.1)
+    assert math.isnan(row.dev) and math.isnan(row.test) and math.isnan(row.curve[0]["dev"])
+    assert row.curve[1] == {"step": 1, "loss": 0.5}
+    store.save_results(job.id, [{"method": "maml", "task": "t", "metric": "Pearson", "mean": nan, "std": nan,
+                                 "relative_gain": nan}], {"maml": nan})
+    (task,), (method,) = store.results(job.id)
+    assert all(math.isnan(v) for v in (task.mean, task.std, task.relative_gain, method.arg))
+    store.add_event(job.id, kind="metric", name="t/dev", step=1, value=nan)
+    assert math.isnan(store.events(job.id)[-1].value)
 
 
 # --- API keys --------------------------------------------------------------------------------

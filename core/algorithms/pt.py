@@ -7,6 +7,7 @@ the best dev score is kept; the task's result is the mean and std of those test 
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,18 @@ def batches(examples: list[Example], batch_size: int, generator: torch.Generator
             yield [examples[i] for i in order[s : s + batch_size]]
 
 
+def beats(score: float, best: float) -> bool:
+    """Whether a dev score beats the best so far. A NaN score (CrossFit's Pearson of constant
+    predictions) beats nothing and anything beats it: CrossFit's best starts below every score,
+    so a NaN dev at step 0 must not keep a run from recording the scores it reaches later."""
+    return not math.isnan(score) and (math.isnan(best) or score > best)
+
+
+def best_of(runs: list[RunResult]) -> RunResult:
+    """The run with the best dev score, NaN counting as the worst; ties: the first."""
+    return max(runs, key=lambda r: -math.inf if math.isnan(r.best_dev) else r.best_dev)
+
+
 def fit(model: SoftPromptModel, split: Split, info: TaskInfo, lr: float, cfg: TrainConfig,
         params: list[torch.nn.Parameter], snapshot: Callable[[], object], phase: str = "pt",
         progress: Progress | None = None) -> RunResult:
@@ -106,7 +119,7 @@ def fit(model: SoftPromptModel, split: Split, info: TaskInfo, lr: float, cfg: Tr
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             event["dev"] = d = dev()
             curve.append({"step": step, "dev": d})
-            if d > best_dev:
+            if beats(d, best_dev):
                 best_dev, best_step, best, stale = d, step, snapshot(), 0
             else:
                 stale += 1
@@ -135,7 +148,7 @@ def grid(task: Task, lrs: list[float], splits: list[Split], train: Callable[[Spl
     runs, best = [], []
     for split in splits:
         per_lr = [train(split, lr) for lr in lrs]
-        chosen = max(per_lr, key=lambda r: r.best_dev)
+        chosen = best_of(per_lr)
         chosen.test = test(chosen, split)
         runs += per_lr
         best.append(chosen)

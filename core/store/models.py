@@ -2,14 +2,56 @@
 the Alembic migrations in migrations/, which are generated from and checked against these."""
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+# Scores may be NaN: CrossFit's Pearson of constant predictions is, and a diverging run's loss.
+# SQLite's REAL turns NaN into NULL, and JSON has no NaN (Postgres refuses it in a json column),
+# so these two types store a NaN number as the text "NaN" and read it back as NaN.
+_NAN = "NaN"
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+class FloatNaN(TypeDecorator):
+    """A float column that keeps NaN on SQLite too (Postgres keeps it natively)."""
+    impl, cache_ok = Float, True
+
+    def bind_processor(self, dialect):  # not process_bind_param: SQLite's Float would make "NaN" a float again
+        return (lambda v: _NAN if _is_nan(v) else v) if dialect.name == "sqlite" else super().bind_processor(dialect)
+
+    def process_result_value(self, value, dialect):
+        return float(value) if isinstance(value, str) else value
+
+
+class JSONNaN(TypeDecorator):
+    """A JSON column whose NaN numbers are kept (as "NaN"): a learning curve's dev scores and losses."""
+    impl, cache_ok = JSON, True
+
+    def process_bind_param(self, value, dialect):
+        return _map(value, lambda v: _NAN if _is_nan(v) else v)
+
+    def process_result_value(self, value, dialect):
+        return _map(value, lambda v: float(v) if v == _NAN else v)
+
+
+def _map(value, leaf):
+    if isinstance(value, list):
+        return [_map(v, leaf) for v in value]
+    if isinstance(value, dict):
+        return {k: _map(v, leaf) for k, v in value.items()}
+    return leaf(value)
 
 
 class Base(DeclarativeBase):
@@ -103,12 +145,12 @@ class Score(Base):
     seed: Mapped[int] = mapped_column(Integer)
     lr: Mapped[float] = mapped_column(Float)
     metric: Mapped[str] = mapped_column(String(32))
-    dev: Mapped[float] = mapped_column(Float)
-    test: Mapped[float | None] = mapped_column(Float, nullable=True)
+    dev: Mapped[float] = mapped_column(FloatNaN)
+    test: Mapped[float | None] = mapped_column(FloatNaN, nullable=True)
     best_step: Mapped[int] = mapped_column(Integer)
     steps: Mapped[int] = mapped_column(Integer)
     seconds: Mapped[float] = mapped_column(Float)
-    curve: Mapped[list] = mapped_column(JSON)
+    curve: Mapped[list] = mapped_column(JSONNaN)
     prompt: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # best-dev prompt (safetensors)
 
 
@@ -122,9 +164,9 @@ class TaskResult(Base):
     method: Mapped[str] = mapped_column(String(32))
     task: Mapped[str] = mapped_column(String(200))
     metric: Mapped[str] = mapped_column(String(32))
-    mean: Mapped[float] = mapped_column(Float)
-    std: Mapped[float] = mapped_column(Float)
-    relative_gain: Mapped[float | None] = mapped_column(Float, nullable=True)
+    mean: Mapped[float] = mapped_column(FloatNaN)
+    std: Mapped[float] = mapped_column(FloatNaN)
+    relative_gain: Mapped[float | None] = mapped_column(FloatNaN, nullable=True)
 
 
 class MethodResult(Base):
@@ -134,7 +176,7 @@ class MethodResult(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     method: Mapped[str] = mapped_column(String(32))
-    arg: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: PT scored 0 on every target task
+    arg: Mapped[float | None] = mapped_column(FloatNaN, nullable=True)  # None: PT scored 0 on every target task
 
 
 class Event(Base):
@@ -148,7 +190,7 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     name: Mapped[str | None] = mapped_column(String(200), nullable=True)  # metric name, e.g. upstream/maml/loss
     step: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    value: Mapped[float | None] = mapped_column(FloatNaN, nullable=True)
 
 
 class Checkpoint(Base):
