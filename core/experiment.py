@@ -8,6 +8,7 @@ the result an uninterrupted run gets.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -108,18 +109,20 @@ class Results:
                 if t not in self.left_out()}
 
     def arg_intervals(self) -> dict[str, tuple[float, float] | None]:
-        """95% bootstrap interval of each method's ARG over target tasks and split seeds."""
-        return {m: arg_interval(self._scores(m), self._scores("pt")) if v is not None else None
+        """95% bootstrap interval of each method's ARG over target tasks and split seeds; None
+        where the ARG is not a number (no task left, or a NaN score: CrossFit's Pearson)."""
+        return {m: arg_interval(self._scores(m), self._scores("pt")) if _finite(v) else None
                 for m, v in self.arg().items()}
 
     def vs_mtl(self) -> dict[str, dict]:
         """Each method's ARG minus MTL's (points) with a paired 95% bootstrap interval: does
         learning to initialize beat plain multi-task training on the same sources?"""
         args = self.arg()
-        if "mtl" not in args or args["mtl"] is None:
+        if not _finite(args.get("mtl")):
             return {}
         return {m: {"difference": args[m] - args["mtl"],
-                    "ci95": arg_difference_interval(self._scores(m), self._scores("mtl"), self._scores("pt"))}
+                    "ci95": arg_difference_interval(self._scores(m), self._scores("mtl"), self._scores("pt"))
+                    if _finite(args[m]) else None}
                 for m in args if m != "mtl"}
 
     def to_dict(self) -> dict:
@@ -141,6 +144,10 @@ class Results:
             "clusters": self.clusters.summary if self.clusters else None,
             "pseudo_labels": self.clusters.pseudo if self.clusters else None,
         }
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def train_config(spec: JobSpec) -> TrainConfig:

@@ -276,6 +276,8 @@ def _bootstrap_args(methods: list[Scores], pt: Scores, samples: int, seed: int) 
 
 def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
     values = values[np.isfinite(values)]
+    if not len(values):  # every resample drew a PT mean of 0 or a NaN score: no interval
+        return float("nan"), float("nan")
     tail = 100 * (1 - level) / 2
     return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 

@@ -13,6 +13,10 @@ def percent(value: float | None, digits: int = 2, scale: float = 1.0, unit: str 
     return "n/a" if value is None else f"{scale * value:+.{digits}f}{unit}"
 
 
+def interval(ci: tuple[float, float] | None) -> str:
+    return "n/a" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
 def markdown(results: Results) -> str:
     spec = results.spec
     lines = [f"# {spec.name}", "",
@@ -43,17 +47,16 @@ def markdown(results: Results) -> str:
         lines += ["## ARG over plain prompt tuning", "",
                   "| method | ARG (%) | 95% bootstrap CI (tasks × seeds) | upstream steps | upstream min |",
                   "|---|---|---|---|---|"]
-        interval = lambda m: "n/a" if ci[m] is None else f"[{ci[m][0]:+.2f}, {ci[m][1]:+.2f}]"  # noqa: E731
-        lines += [f"| {m} | {percent(args[m])} | {interval(m)} | {u.steps} | {u.seconds / 60:.1f} |"
+        lines += [f"| {m} | {percent(args[m])} | {interval(ci[m])} | {u.steps} | {u.seconds / 60:.1f} |"
                   for m, u in results.upstream.items()]
-        lines += [f"| ft | {percent(args['ft'])} | {interval('ft')} | — | — |"] if "ft" in args else []
+        lines += [f"| ft | {percent(args['ft'])} | {interval(ci['ft'])} | — | — |"] if "ft" in args else []
         if left := results.left_out():
             lines += ["", f"Left out of every ARG: {', '.join(left)}. Plain prompt tuning scored 0 there, "
                       "so no relative gain is defined; the absolute scores are below."]
         if vs := results.vs_mtl():
             lines += ["", "## Against multi-task learning on the same sources", "",
                       "| method | ARG − ARG(mtl) (points) | paired 95% bootstrap CI |", "|---|---|---|"]
-            lines += [f"| {m} | {d['difference']:+.2f} | [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] |"
+            lines += [f"| {m} | {d['difference']:+.2f} | {interval(d['ci95'])} |"
                       for m, d in vs.items()]
         lines += ["", "## Per target task", ""]
     gains = results.gains()

@@ -285,7 +285,7 @@ def test_results_and_report_wait_for_success_then_show_every_table(api, store):
     assert api.client.get(f"/jobs/{job_id}/artifacts/relative_gain.png", headers=api.bob).status_code == 404
 
 
-def test_a_target_where_pt_scored_0_is_left_out_of_arg_and_the_job_still_succeeds(api, store):
+def test_a_target_where_pt_scored_0_is_left_out_of_arg_and_nan_scores_still_aggregate(api, store):
     """PT that collapses to one label scores 0 (MCC, F1 of the other class): no relative gain is
     defined there. The worker's aggregation leaves that task out of ARG and says so; where no
     task is left, ARG is null, not a failed job."""
@@ -317,6 +317,11 @@ def test_a_target_where_pt_scored_0_is_left_out_of_arg_and_the_job_still_succeed
     assert results["arg"] == {"ft": None}
     assert "<td>ft</td><td>n/a</td>" in api.client.get(f"/jobs/{job_id}/report", headers=api.alice).text
     assert "| ft | n/a | n/a | — | — |" in api.client.get(f"/jobs/{job_id}/artifacts/results.md", headers=api.alice).text
+
+    # CrossFit's Pearson of constant predictions is NaN: it stays NaN in the ARG (null in JSON), with no interval
+    job_id, results = scored(["sms_spam"], {("sms_spam", "pt"): float("nan"), ("sms_spam", "ft"): 0.4})
+    assert results["arg"] == {"ft": None} and [s["test"] for s in results["scores"]] == [None, 0.4]
+    assert "| ft | +nan | n/a | — | — |" in api.client.get(f"/jobs/{job_id}/artifacts/results.md", headers=api.alice).text
 
 
 @pytest.fixture

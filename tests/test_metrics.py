@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from core.metrics import METRICS, arg, matthews_corr, normalize_answer, relative_gain, score
+from core.metrics import METRICS, arg, arg_interval, matthews_corr, normalize_answer, relative_gain, score
 
 
 def test_registry_holds_the_seven_crossfit_metrics():
@@ -234,8 +234,6 @@ def test_arg_is_the_mean_gain_in_percent():
 
 
 def test_arg_interval_bootstraps_over_tasks_and_seeds():
-    from core.metrics import arg_interval
-
     pt = {"a": {100: 0.5, 13: 0.6, 21: 0.7}, "b": {100: 0.4, 13: 0.4, 21: 0.4}}
     same = arg_interval(pt, pt)
     assert same == (0.0, 0.0)  # no difference in any resample
@@ -248,8 +246,14 @@ def test_arg_interval_bootstraps_over_tasks_and_seeds():
     assert arg_interval(better, pt) == (lo, hi)  # seeded: the same interval every time
 
 
+def test_arg_interval_of_nan_scores_is_nan_not_an_error():
+    # CrossFit's Pearson of constant predictions is NaN on every seed: no resample has a number
+    lo, hi = arg_interval({"stsb": {100: 0.5, 13: 0.6}}, {"stsb": {100: float("nan"), 13: float("nan")}})
+    assert math.isnan(lo) and math.isnan(hi)
+
+
 def test_arg_difference_interval_is_paired_over_the_same_resamples():
-    from core.metrics import arg_difference_interval, arg_interval
+    from core.metrics import arg_difference_interval
 
     pt = {"a": {100: 0.5, 13: 0.6, 21: 0.7}, "b": {100: 0.4, 13: 0.5, 21: 0.4}}
     up = {t: {s: v * 1.2 for s, v in seeds.items()} for t, seeds in pt.items()}  # +20% on every split
