@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from core.experiment import Results
@@ -11,6 +12,18 @@ from core.prompts import save_prompt
 def percent(value: float | None, digits: int = 2, scale: float = 1.0, unit: str = "") -> str:
     """A signed percentage, or "n/a" where none is defined (PT scored 0)."""
     return "n/a" if value is None else f"{scale * value:+.{digits}f}{unit}"
+
+
+def strict_json(data) -> str:
+    """JSON any parser reads (Python's own writes NaN, which JavaScript's JSON.parse refuses):
+    a NaN score (CrossFit's Pearson of constant predictions) and what it made NaN become null."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        return [finite(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return json.dumps(finite(data), indent=2, allow_nan=False)
 
 
 def interval(ci: tuple[float, float] | None) -> str:
@@ -119,7 +132,7 @@ def plots(results: Results, out: Path) -> list[Path]:
 def write(results: Results, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "results.json", out / "results.md"]
-    files[0].write_text(json.dumps(results.to_dict(), indent=2))
+    files[0].write_text(strict_json(results.to_dict()))
     files[1].write_text(markdown(results))
     files += plots(results, out)
     if results.clusters and results.clusters.examples:  # the service plots them in its upstream step
@@ -170,7 +183,7 @@ def sweep_plot(sweep, path: Path) -> Path:
 def write_sweep(sweep, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "sweep.json", out / "sweep.md"]
-    files[0].write_text(json.dumps(sweep.to_dict(), indent=2))
+    files[0].write_text(strict_json(sweep.to_dict()))
     files[1].write_text(sweep_markdown(sweep))
     files.append(sweep_plot(sweep, out / "sweep.png"))
     for i, (_, results) in enumerate(sweep.runs):

@@ -322,6 +322,9 @@ def test_a_target_where_pt_scored_0_is_left_out_of_arg_and_nan_scores_still_aggr
     job_id, results = scored(["sms_spam"], {("sms_spam", "pt"): float("nan"), ("sms_spam", "ft"): 0.4})
     assert results["arg"] == {"ft": None} and [s["test"] for s in results["scores"]] == [None, 0.4]
     assert "| ft | +nan | n/a | — | — |" in api.client.get(f"/jobs/{job_id}/artifacts/results.md", headers=api.alice).text
+    stored = json.loads(api.client.get(f"/jobs/{job_id}/artifacts/results.json", headers=api.alice).text,
+                        parse_constant=lambda c: pytest.fail(f"results.json holds {c}, which is not JSON"))
+    assert stored["arg"] == {"ft": None} and stored["tasks"]["sms_spam"]["pt"]["mean"] is None
 
 
 @pytest.fixture
