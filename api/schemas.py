@@ -84,7 +84,8 @@ class RunScore(BaseModel):
 class Results(BaseModel):
     tasks: list[TaskScore]
     arg: dict[str, float | None] = Field(description="ARG (%) per method over the target tasks with a relative gain; "
-                                          "null where PT scored 0 on every one (no relative gain is defined)")
+                                          "null where PT scored 0 on every one (no relative gain is defined) or "
+                                          "a score is NaN (CrossFit's Pearson of constant predictions)")
     scores: list[RunScore]
 
 

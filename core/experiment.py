@@ -105,8 +105,8 @@ class Results:
         return {m: arg(g) for m, g in self.gains().items()}
 
     def _scores(self, method: str) -> dict[str, dict[int, float]]:
-        return {t: {r.seed: r.test for r in per[method].best} for t, per in self.tasks.items()
-                if t not in self.left_out()}
+        left = self.left_out()
+        return {t: {r.seed: r.test for r in per[method].best} for t, per in self.tasks.items() if t not in left}
 
     def arg_intervals(self) -> dict[str, tuple[float, float] | None]:
         """95% bootstrap interval of each method's ARG over target tasks and split seeds; None
