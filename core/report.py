@@ -66,6 +66,9 @@ def markdown(results: Results) -> str:
         if left := results.left_out():
             lines += ["", f"Left out of every ARG: {', '.join(left)}. Plain prompt tuning scored 0 there, "
                       "so no relative gain is defined; the absolute scores are below."]
+        if below := [t for t, r in results.tasks.items() if r["pt"].mean < 0]:
+            lines += ["", f"Plain prompt tuning scored below 0 on {', '.join(below)}: there the papers' "
+                      "(method − PT) / PT gives a better method a negative gain; read the absolute scores below."]
         if vs := results.vs_mtl():
             lines += ["", "## Against multi-task learning on the same sources", "",
                       "| method | ARG − ARG(mtl) (points) | paired 95% bootstrap CI |", "|---|---|---|"]

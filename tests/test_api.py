@@ -285,10 +285,11 @@ def test_results_and_report_wait_for_success_then_show_every_table(api, store):
     assert api.client.get(f"/jobs/{job_id}/artifacts/relative_gain.png", headers=api.bob).status_code == 404
 
 
-def test_a_target_where_pt_scored_0_is_left_out_of_arg_and_nan_scores_still_aggregate(api, store):
+def test_aggregation_copes_with_pt_scores_of_0_below_0_and_nan(api, store):
     """PT that collapses to one label scores 0 (MCC, F1 of the other class): no relative gain is
     defined there. The worker's aggregation leaves that task out of ARG and says so; where no
-    task is left, ARG is null, not a failed job."""
+    task is left, ARG is null, not a failed job. Below 0 the report warns that the gain's sign
+    flips; a NaN (Pearson) stays NaN, null in JSON."""
     def scored(targets, tests):
         spec = {**SPEC, "backbone": "tiny", "targets": targets,
                 "downstream": {**SPEC["downstream"], "finetune": True, "ft_lrs": [1e-5]}}
@@ -312,6 +313,12 @@ def test_a_target_where_pt_scored_0_is_left_out_of_arg_and_nan_scores_still_aggr
     md = api.client.get(f"/jobs/{job_id}/artifacts/results.md", headers=api.alice).text
     assert "Left out of every ARG: sms_spam." in md and "| sms_spam | ft | Classification-F1 | 0.400 ± 0.000 | n/a |" in md
     assert "| ft | +20.00 |" in md
+
+    job_id, results = scored(["sms_spam", "disaster_tweets"], {  # MCC can be below 0: the gain's sign flips
+        ("sms_spam", "pt"): -0.1, ("sms_spam", "ft"): 0.2, ("disaster_tweets", "pt"): 0.5, ("disaster_tweets", "ft"): 0.5})
+    assert results["arg"] == {"ft": pytest.approx(-150.0)}  # as the papers' formula has it: (0.2 + 0.1) / -0.1 = -3
+    md = api.client.get(f"/jobs/{job_id}/artifacts/results.md", headers=api.alice).text
+    assert "Plain prompt tuning scored below 0 on sms_spam: there the papers'" in md and "Left out" not in md
 
     job_id, results = scored(["sms_spam"], {("sms_spam", "pt"): 0.0, ("sms_spam", "ft"): 0.4})
     assert results["arg"] == {"ft": None}
