@@ -106,10 +106,11 @@ def units(spec: JobSpec) -> dict[str, int]:
     return out
 
 
-def materialize(store, owner: str, spec: JobSpec) -> JobSpec:
-    """The spec a worker runs: the backbone's location from the allowlist, and uploaded tasks
-    written out of the store into the local cache and named by path."""
-    location = settings().backbone_allowlist().get(spec.backbone)
+def materialize(store, owner: str, spec: JobSpec, backbone: bool = True) -> JobSpec:
+    """The spec a worker runs: the backbone's location from the allowlist (unless `backbone` is
+    False: aggregation needs none), and uploaded tasks written out of the store into the local
+    cache and named by path."""
+    location = settings().backbone_allowlist().get(spec.backbone) if backbone else spec.backbone
     if location is None:
         raise SpecError(f"backbone {spec.backbone!r} is no longer served here")
 
@@ -319,7 +320,7 @@ def aggregate(store, job_id: str) -> None:
         return
     store.set_phase(job_id, "aggregate")
     spec = parse_spec(job.spec)
-    local = materialize(store, job.owner, spec)
+    local = materialize(store, job.owner, spec, backbone=False)  # the scores are in: a backbone dropped since is no matter
     d = spec.downstream
     runs: dict[tuple[str, str], list[RunResult]] = {}
     for row in store.scores(job_id):

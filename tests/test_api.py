@@ -334,6 +334,17 @@ def test_aggregation_copes_with_pt_scores_of_0_below_0_and_nan(api, store):
     assert stored["arg"] == {"ft": None} and stored["tasks"]["sms_spam"]["pt"]["mean"] is None
 
 
+def test_aggregation_needs_no_backbone_so_one_no_longer_served_fails_no_finished_job(api, store, env):
+    job_id = api.submit({**SPEC, "backbone": "tiny"}).json()["id"]
+    store.save_score(job_id=job_id, method="pt", task="sms_spam", seed=13, lr=0.3, metric="Classification-F1",
+                     dev=0.5, test=0.6, best_step=5, steps=10, seconds=1.0, curve=[{"step": 0, "dev": 0.5}])
+    env.setenv("PRIMER_BACKBONES", "smollm2-135m")  # ops stop serving it while the job's last step waits
+    settings.cache_clear()
+    core_jobs.aggregate(store, job_id)
+    assert store.get_job(job_id).status == "succeeded"
+    assert api.client.get(f"/jobs/{job_id}/results", headers=api.alice).json()["tasks"][0]["mean"] == 0.6
+
+
 @pytest.fixture
 def prompt(api, store):
     job_id = api.submit().json()["id"]
