@@ -508,6 +508,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
             tasks=[S.TaskScore(method=r.method, task=r.task, metric=r.metric, mean=r.mean, std=r.std,
                                relative_gain=r.relative_gain) for r in tasks],
             arg={m.method: m.arg for m in methods},
+            left_out_of_arg=[r.task for r in tasks if r.method == "pt" and r.mean == 0] if methods else [],
             scores=[S.RunScore(method=s.method, task=s.task, seed=s.seed, lr=s.lr, dev=s.dev, test=s.test,
                                metric=s.metric, best_step=s.best_step, steps=s.steps) for s in store.scores(job.id)])
 

@@ -86,6 +86,8 @@ class Results(BaseModel):
     arg: dict[str, float | None] = Field(description="ARG (%) per method over the target tasks with a relative gain; "
                                           "null where PT scored 0 on every one (no relative gain is defined) or "
                                           "a score is NaN (CrossFit's Pearson of constant predictions)")
+    left_out_of_arg: list[str] = Field(description="target tasks no ARG counts: PT scored 0 there, so no relative "
+                                                   "gain is defined")
     scores: list[RunScore]
 
 

@@ -265,7 +265,7 @@ def test_results_and_report_wait_for_success_then_show_every_table(api, store):
     finish(store, job_id)
 
     results = api.client.get(f"/jobs/{job_id}/results", headers=api.alice).json()
-    assert results["arg"] == {"maml": 10.0}
+    assert results["arg"] == {"maml": 10.0} and results["left_out_of_arg"] == []
     assert results["tasks"][1] == {"method": "maml", "task": "<b>spam</b>", "metric": "Classification-F1",
                                    "mean": 0.66, "std": 0.05, "relative_gain": 0.1}
     assert [(s["seed"], s["test"]) for s in results["scores"]] == [(13, 0.5), (21, 0.7)]
@@ -304,7 +304,7 @@ def test_aggregation_copes_with_pt_scores_of_0_below_0_and_nan(api, store):
 
     job_id, results = scored(["sms_spam", "disaster_tweets"], {
         ("sms_spam", "pt"): 0.0, ("sms_spam", "ft"): 0.4, ("disaster_tweets", "pt"): 0.5, ("disaster_tweets", "ft"): 0.6})
-    assert results["arg"] == {"ft": pytest.approx(20.0)}
+    assert results["arg"] == {"ft": pytest.approx(20.0)} and results["left_out_of_arg"] == ["sms_spam"]
     gains = {(r["task"], r["method"]): r["relative_gain"] for r in results["tasks"]}
     assert gains[("sms_spam", "ft")] is None and gains[("disaster_tweets", "ft")] == pytest.approx(0.2)
     events = [e["message"] for e in api.client.get(f"/jobs/{job_id}/events", headers=api.alice).json()["events"]]
