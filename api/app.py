@@ -500,6 +500,9 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    def left_out(tasks, methods) -> list[str]:  # as Results.left_out: PT scored 0, so no relative gain there
+        return [r.task for r in tasks if r.method == "pt" and r.mean == 0] if methods else []
+
     @app.get("/jobs/{job_id}/results", response_model=S.Results, tags=["results"])
     def results(job_id: str, key=Depends(auth)):
         job = succeeded_job(job_id, key)
@@ -508,7 +511,7 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
             tasks=[S.TaskScore(method=r.method, task=r.task, metric=r.metric, mean=r.mean, std=r.std,
                                relative_gain=r.relative_gain) for r in tasks],
             arg={m.method: m.arg for m in methods},
-            left_out_of_arg=[r.task for r in tasks if r.method == "pt" and r.mean == 0] if methods else [],
+            left_out_of_arg=left_out(tasks, methods),
             scores=[S.RunScore(method=s.method, task=s.task, seed=s.seed, lr=s.lr, dev=s.dev, test=s.test,
                                metric=s.metric, best_step=s.best_step, steps=s.steps) for s in store.scores(job.id)])
 
@@ -530,6 +533,8 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
             f"<h1>{e(job.name)}</h1><p>job {e(job.id)}: {e(job.status)}, finished {e(S.iso(job.finished_at))}</p>",
             "<h2>ARG over plain prompt tuning</h2><table>", head("method", "ARG (%)"),
             rows((m.method, "n/a" if m.arg is None else f"{m.arg:+.2f}") for m in methods), "</table>",
+            *([f"<p>Left out of every ARG: {e(', '.join(left))} (plain prompt tuning scored 0 there, so no "
+               "relative gain is defined).</p>"] if (left := left_out(tasks, methods)) else []),
             "<h2>Per target task</h2><table>", head("task", "method", "metric", "test (mean ± std)", "rel. gain"),
             rows((r.task, r.method, r.metric, f"{r.mean:.3f} ± {r.std:.3f}", gain(r.relative_gain)) for r in tasks),
             "</table>",

@@ -313,6 +313,8 @@ def test_aggregation_copes_with_pt_scores_of_0_below_0_and_nan(api, store):
     md = api.client.get(f"/jobs/{job_id}/artifacts/results.md", headers=api.alice).text
     assert "Left out of every ARG: sms_spam." in md and "| sms_spam | ft | Classification-F1 | 0.400 ± 0.000 | n/a |" in md
     assert "| ft | +20.00 |" in md
+    page = api.client.get(f"/jobs/{job_id}/report", headers=api.alice).text
+    assert "<p>Left out of every ARG: sms_spam (plain prompt tuning scored 0 there" in page
 
     job_id, results = scored(["sms_spam", "disaster_tweets"], {  # MCC can be below 0: the gain's sign flips
         ("sms_spam", "pt"): -0.1, ("sms_spam", "ft"): 0.2, ("disaster_tweets", "pt"): 0.5, ("disaster_tweets", "ft"): 0.5})
