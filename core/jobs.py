@@ -171,6 +171,10 @@ class Reporter:
         step = event.get("step", 0)
         if "dev" in event:
             self.store.add_event(self.job_id, kind="metric", name=f"{self.unit}/dev", step=step, value=event["dev"])
+        if event.get("diverged"):
+            self.store.add_event(self.job_id, f"{self.unit} stopped at step {step}: its loss is {event['loss']:g} "
+                                              f"(diverged); its best dev score so far, {event['best_dev']:.3f}, counts",
+                                 step=step)
         if self.store.is_cancelled(self.job_id):
             self.store.progress(self.job_id, self.unit, step)
             self.store.add_event(self.job_id, f"{self.unit} stopped at step {step}: cancelled", step=step)

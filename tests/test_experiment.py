@@ -119,6 +119,31 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_prompt(tiny_backbon
     assert resumed.curve == uninterrupted.curve
 
 
+def test_meta_training_that_diverges_stops_at_once_and_names_the_learning_rates(tiny_backbone, spec_fields,
+                                                                               monkeypatch):
+    import core.algorithms.upstream as upstream
+    from core.errors import UserError
+    from core.tasks import get_split, load_task
+
+    spec = parse_spec(spec_fields)
+    sources = {r.name: [get_split(load_task(r), s) for s in (100, 13)] for r in spec.upstream.sources}
+    model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 3))
+    steps, meta_grad = [], upstream.meta_grad
+
+    def diverging(*a):  # the second outer step's episodes blow up, as too large an lr makes them
+        grad, losses = meta_grad(*a)
+        steps.append(1)
+        return (grad * float("nan"), [float("nan")] * len(losses)) if len(steps) == 2 else (grad, losses)
+
+    monkeypatch.setattr(upstream, "meta_grad", diverging)
+    cfg = UpstreamConfig(algorithm="maml", steps=6, inner_lr=0.1, outer_lr=0.05, inner_steps=1, checkpoint_every=1)
+    saved = []
+    with pytest.raises(UserError, match=r"upstream maml diverged at outer step 2: the episodes' mean loss is nan and the "
+                                        r"meta-gradient is not finite; lower its outer_lr \(0.05\) or inner_lr \(0.1\)"):
+        meta_train(model, sources, model.prompt.detach().clone(), cfg, checkpoint=saved.append)
+    assert len(steps) == 2 and [s["step"] for s in saved] == [1]  # nothing NaN was checkpointed
+
+
 def test_the_cli_resumes_a_killed_run_from_its_checkpoints(spec_fields, tmp_path):
     """The whole job: killed in the middle of MAML, restarted with the same spec and output."""
     import core.experiment as experiment

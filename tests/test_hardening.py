@@ -1,5 +1,6 @@
 """Nothing lost: leases, heartbeats and the reconciler, first against the store alone, then
 against real uvicorn, Celery worker, Postgres and Redis processes with faults injected."""
+import threading
 import time
 
 import pytest
@@ -141,6 +142,14 @@ def test_a_worker_whose_lease_another_worker_took_stops_at_its_next_step(store, 
     assert store.beat(job.id, "start", "w2")
     assert any("another worker holds it now" in e.message for e in store.events(job.id))
     assert store.get_job(job.id).status == "queued"  # neither failed nor touched
+
+
+def test_a_downstream_run_that_diverged_says_so_in_the_jobs_events(store, job, monkeypatch):
+    monkeypatch.setattr(jobs, "lease_lost", threading.Event())  # as a worker's step starts: its lease held
+    report = jobs.Reporter(store, job.id, "downstream/pt/t/100/0.3")
+    report({"phase": "pt", "step": 7, "loss": float("nan"), "best_dev": 0.625, "diverged": True})
+    assert [e.message for e in store.events(job.id) if e.kind == "log"] == [
+        "downstream/pt/t/100/0.3 stopped at step 7: its loss is nan (diverged); its best dev score so far, 0.625, counts"]
 
 
 @pytest.mark.parametrize("error,code", [

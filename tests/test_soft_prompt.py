@@ -59,6 +59,26 @@ def test_a_nan_dev_score_beats_nothing_and_anything_beats_it(tiny_backbone, monk
     assert best_of(runs[:1]).lr == 0.1
 
 
+def test_a_run_whose_loss_turns_nan_stops_there_and_keeps_its_best_dev(tiny_backbone, monkeypatch):
+    # Once a step's loss is NaN (a learning rate too large for the grid), its gradient would make
+    # the prompt NaN for every later step: the run stops instead of spending them.
+    model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 5, "vocab"))
+    calls, loss = [], model.loss
+
+    def loss_turning_nan(batch):  # at the third step
+        calls.append(batch)
+        return loss(batch) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(model, "loss", loss_turning_nan)
+    cfg = TrainConfig(batch_size=4, max_steps=8, eval_every=1, optimizer="adamw", weight_decay=0.0)
+    events = []
+    run = train_prompt(model, Split(train=TRAIN, dev=TRAIN, test=[], seed=100, k=2), SENTIMENT,
+                       model.prompt.detach().clone(), lr=0.1, cfg=cfg, progress=events.append)
+    assert run.steps == 3 and len(calls) == 3 and math.isnan(run.curve[-1]["loss"])
+    assert events[-1]["diverged"] and events[-1]["best_dev"] == run.best_dev and run.best_step <= 2
+    assert torch.isfinite(run.prompt).all() and torch.isfinite(model.prompt).all()  # the NaN step was never taken
+
+
 def test_rank_classification_picks_the_most_likely_option_of_each_example(tiny_backbone):
     model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 5, "random", seed=3))
     examples = TRAIN + [Example("what color is the sky ?", ("blue",), options=("blue", "red", "the film"))]

@@ -108,14 +108,18 @@ def fit(model: SoftPromptModel, split: Split, info: TaskInfo, lr: float, cfg: Tr
     curve, stale, step = [{"step": 0, "dev": best_dev}], 0, 0
     for step, batch in zip(range(1, cfg.max_steps + 1), batches(split.train, cfg.batch_size, g)):
         loss = model.loss(batch)
+        event = {"phase": phase, "step": step, "total": cfg.max_steps, "lr": lr, "seed": split.seed,
+                 "loss": loss.item()}
+        curve.append({"step": step, "loss": event["loss"]})
+        if not math.isfinite(event["loss"]):  # diverged: its gradient would make every later step NaN
+            if progress:
+                progress(event | {"best_dev": best_dev, "diverged": True})
+            break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        event = {"phase": phase, "step": step, "total": cfg.max_steps, "lr": lr, "seed": split.seed,
-                 "loss": loss.item()}
-        curve.append({"step": step, "loss": event["loss"]})
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             event["dev"] = d = dev()
             curve.append({"step": step, "dev": d})

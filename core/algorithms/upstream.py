@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from core.algorithms.mtl import mtl_grad
 from core.algorithms.pt import make_optimizer
 from core.algorithms.reptile import reptile_grad
 from core.backbones.soft_prompt import SoftPromptModel
+from core.errors import UserError
 from core.tasks.base import Split
 
 
@@ -179,12 +181,18 @@ def meta_train(model: SoftPromptModel, sources: dict[str, list[Split]], init: to
     for step in range(first, cfg.steps + 1):
         drawn = [episodes.episode((step - 1) * cfg.meta_batch + j, support, query) for j in range(cfg.meta_batch)]
         grad, losses = meta_grad(model, prompt, drawn, cfg)
+        loss = sum(losses) / len(losses)
+        if not (math.isfinite(loss) and torch.isfinite(grad).all()):  # every later step would be NaN too
+            raise UserError(f"upstream {cfg.algorithm} diverged at outer step {step}: the episodes' mean loss is "
+                            f"{loss:g}{'' if torch.isfinite(grad).all() else ' and the meta-gradient is not finite'}; "
+                            f"lower its outer_lr ({cfg.outer_lr:g}) or inner_lr ({cfg.inner_lr:g}) (upstream.outer_lr "
+                            f"and inner_lr, or upstream.per_method.{cfg.algorithm}), or set upstream.grad_clip")
         prompt.grad = grad / cfg.meta_batch if algo.average else grad
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([prompt], cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        curve.append({"step": step, "loss": sum(losses) / len(losses)})
+        curve.append({"step": step, "loss": loss})
         if progress:
             progress({"phase": "upstream", "method": cfg.algorithm, "step": step, "total": cfg.steps,
                       "loss": curve[-1]["loss"]})
