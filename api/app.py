@@ -503,22 +503,28 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
     def left_out(tasks, methods) -> list[str]:  # as Results.left_out: PT scored 0, so no relative gain there
         return [r.task for r in tasks if r.method == "pt" and r.mean == 0] if methods else []
 
+    def method_results(job_id: str):
+        """The job's task rows, the methods with an ARG, and those whose meta-training diverged."""
+        tasks, methods = store.results(job_id)
+        return tasks, [m for m in methods if m.diverged is None], {m.method: m.diverged for m in methods if m.diverged}
+
     @app.get("/jobs/{job_id}/results", response_model=S.Results, tags=["results"])
     def results(job_id: str, key=Depends(auth)):
         job = succeeded_job(job_id, key)
-        tasks, methods = store.results(job.id)
+        tasks, methods, diverged = method_results(job.id)
         return S.Results(
             tasks=[S.TaskScore(method=r.method, task=r.task, metric=r.metric, mean=r.mean, std=r.std,
                                relative_gain=r.relative_gain) for r in tasks],
             arg={m.method: m.arg for m in methods},
             left_out_of_arg=left_out(tasks, methods),
+            diverged=diverged,
             scores=[S.RunScore(method=s.method, task=s.task, seed=s.seed, lr=s.lr, dev=s.dev, test=s.test,
                                metric=s.metric, best_step=s.best_step, steps=s.steps) for s in store.scores(job.id)])
 
     @app.get("/jobs/{job_id}/report", response_class=HTMLResponse, tags=["results"])
     def report(job_id: str, key=Depends(auth)):
         job = succeeded_job(job_id, key)
-        tasks, methods = store.results(job.id)
+        tasks, methods, diverged = method_results(job.id)
         e = lambda v: html.escape(str(v))  # noqa: E731
         rows = lambda cells: "".join(f"<tr>{''.join(f'<td>{e(c)}</td>' for c in r)}</tr>" for r in cells)  # noqa: E731
         head = lambda *names: "<tr>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>"  # noqa: E731
@@ -532,7 +538,9 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}</style></head><body>",
             f"<h1>{e(job.name)}</h1><p>job {e(job.id)}: {e(job.status)}, finished {e(S.iso(job.finished_at))}</p>",
             "<h2>ARG over plain prompt tuning</h2><table>", head("method", "ARG (%)"),
-            rows((m.method, "n/a" if m.arg is None else f"{m.arg:+.2f}") for m in methods), "</table>",
+            rows((m.method, "n/a" if m.arg is None else f"{m.arg:+.2f}") for m in methods),
+            rows((m, "diverged") for m in diverged), "</table>",
+            *(f"<p>Left out: {e(why)}.</p>" for why in diverged.values()),
             *([f"<p>Left out of every ARG: {e(', '.join(left))} (plain prompt tuning scored 0 there, so no "
                "relative gain is defined).</p>"] if (left := left_out(tasks, methods)) else []),
             "<h2>Per target task</h2><table>", head("task", "method", "metric", "test (mean ± std)", "rel. gain"),

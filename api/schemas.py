@@ -88,6 +88,10 @@ class Results(BaseModel):
                                           "a score is NaN (CrossFit's Pearson of constant predictions)")
     left_out_of_arg: list[str] = Field(description="target tasks no ARG counts: PT scored 0 there, so no relative "
                                                    "gain is defined")
+    diverged: dict[str, str] = Field(default_factory=dict,
+                                     description="methods whose meta-training diverged (their loss or meta-gradient "
+                                                 "turned non-finite), and why: they have no initial prompt, no "
+                                                 "downstream runs and no ARG; the other methods ran in full")
     scores: list[RunScore]
 
 

@@ -100,6 +100,8 @@ def run(spec: Path = typer.Argument(..., help="job spec (YAML)"),
             shown.update({k: f"{event[k]:.3f}" for k in ("loss", "best_dev") if k in event})
             bar.set_postfix(shown, refresh=False)
             bar.refresh()
+            if "message" in event:  # e.g. an upstream method that diverged and is left out
+                bar.write(event["message"], file=sys.stderr)
 
         results = (sweep.run_sweep if job.sweep else experiment.run)(job, progress, checkpoints)
         bar.close()
@@ -289,6 +291,7 @@ def _results_table(results: dict) -> str:
         lines.append(f"| {t} | " + " | ".join(shown) + " |")
     arg = lambda v: "n/a" if v is None else f"{v:+.1f}%"  # noqa: E731 (None: PT scored 0 on every task)
     lines.append("| **ARG** | " + " | ".join(arg(results["arg"][m]) if m in results["arg"] else "-" for m in methods) + " |")
+    lines += [f"left out: {why}" for why in results.get("diverged", {}).values()]  # an API from before has none
     return "\n".join(lines)
 
 

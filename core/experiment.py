@@ -20,8 +20,9 @@ import torch
 from core import backbones
 from core.algorithms.finetune import finetune
 from core.algorithms.pt import RunResult, TaskResult, TrainConfig, best_of, prompt_tune, train_prompt
-from core.algorithms.upstream import UpstreamConfig, UpstreamResult, meta_train
+from core.algorithms.upstream import Diverged, UpstreamConfig, UpstreamResult, meta_train
 from core.backbones.soft_prompt import SoftPromptModel
+from core.errors import UserError
 from core.metrics import arg, arg_difference_interval, arg_interval, relative_gain
 from core.prompts import init_prompt
 from core.settings import settings
@@ -90,11 +91,17 @@ class Results:
     seconds: float = 0.0
     selection: Selection | None = None  # when the sources were chosen by similarity
     clusters: Clusters | None = None  # MetaPT's meta-tasks
+    diverged: dict[str, str] = field(default_factory=dict)  # method -> why its meta-training stopped
+
+    @property
+    def methods(self) -> list[str]:
+        """The spec's methods that have scores: all but those whose meta-training diverged."""
+        return [m for m in self.spec.methods if m not in self.diverged]
 
     def gains(self) -> dict[str, dict[str, float | None]]:
         """Relative gain of every method over PT, per target task (None where PT scored 0)."""
         return {m: {t: relative_gain(r[m].mean, r["pt"].mean) for t, r in self.tasks.items()}
-                for m in self.spec.methods if m != "pt"}
+                for m in self.methods if m != "pt"}
 
     def left_out(self) -> list[str]:
         """The target tasks no ARG counts: PT scored 0 there, so no relative gain is defined."""
@@ -131,7 +138,8 @@ class Results:
             "backbone": self.spec.backbone,
             "spec": self.spec.model_dump(),
             "seconds": round(self.seconds, 1),
-            "methods": self.spec.methods,
+            "methods": self.methods,
+            "diverged": self.diverged,
             "tasks": {t: {m: r.summary() for m, r in methods.items()} for t, methods in self.tasks.items()},
             "relative_gain": self.gains(),
             "arg": self.arg(),
@@ -232,6 +240,7 @@ class Inits:
     upstream: dict[str, UpstreamResult]
     selection: Selection | None
     clusters: Clusters | None
+    diverged: dict[str, str]  # method -> why its meta-training stopped; it has no prompt
 
 
 POOLED = {"metapt", "ppt"}  # the methods that train on MetaPT's pooled (clustered) source data
@@ -251,30 +260,49 @@ def learn_inits(prep: Prepared, emit: Progress, store: Checkpoints) -> Inits:
 
     inits = {"pt": prep.init}
     upstream: dict[str, UpstreamResult] = {}
-    for method in (spec.upstream.methods if spec.upstream else []):
+    diverged: dict[str, str] = {}
+    methods = spec.upstream.methods if spec.upstream else []
+    for method in methods:
         tasks = clusters.meta_tasks if method in POOLED else sources
-        upstream[method] = _upstream(prep.model, tasks, prep.init, upstream_config(spec, method), emit, store)
+        try:
+            upstream[method] = _upstream(prep.model, tasks, prep.init, upstream_config(spec, method), emit, store)
+        except Diverged as e:  # the other methods' starts are still worth their downstream grid
+            diverged[method] = str(e)
+            emit({"phase": "upstream", "method": method, "step": e.step, "total": spec.upstream.steps,
+                  "message": f"{e}; {method} is left out, the other methods go on"})
+            continue
         inits[method] = upstream[method].prompt
-    return Inits(inits, upstream, selection, clusters)
+    return Inits(inits, upstream, selection, clusters, diverged)
+
+
+def require_a_start(learned: Inits) -> None:
+    """A job whose every upstream method diverged has nothing to compare with PT: it fails here,
+    before its downstream grid (a sweep goes on: that value's row says "diverged")."""
+    if learned.diverged and not learned.upstream:
+        raise UserError("every upstream method diverged, so there is nothing to compare with prompt tuning:\n"
+                        + "\n".join(learned.diverged.values()))
 
 
 def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoints | None = None,
-        load=None) -> Results:
+        load=None, in_sweep: bool = False) -> Results:
     start = time.perf_counter()
     emit = progress or (lambda event: None)
     store = checkpoints or NoCheckpoints()
     prep = prepare(spec, emit, load)
     learned = learn_inits(prep, emit, store)
+    if not in_sweep:
+        require_a_start(learned)
     inits, backbone, model, targets, splits = learned.prompts, prep.backbone, prep.model, prep.targets, prep.splits
 
     cfg, d = train_config(spec), spec.downstream
     ft_cfg = dataclasses.replace(cfg, optimizer=d.ft_optimizer)
-    budget = {m: len(d.seeds) * len(d.ft_lrs if m == "ft" else d.lrs) * d.max_steps for m in spec.methods}
+    methods = [m for m in spec.methods if m not in learned.diverged]
+    budget = {m: len(d.seeds) * len(d.ft_lrs if m == "ft" else d.lrs) * d.max_steps for m in methods}
     total, done = len(targets) * sum(budget.values()), 0
     results: dict[str, dict[str, TaskResult]] = {name: {} for name in targets}
     prompts = {f"init/{m}": inits[m] for m in learned.upstream}
     for name, task in targets.items():
-        for method in spec.methods:
+        for method in methods:
             key = f"downstream/{method}/{name}"
             relay = _relay(emit, name, method, done, d.max_steps, total)
             state = store.load(key)
@@ -291,7 +319,7 @@ def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoint
             prompts.update({f"{name}/{method}/seed{r.seed}": r.prompt for r in result.best if r.prompt is not None})
             done += budget[method]
     return Results(spec, results, learned.upstream, prompts, time.perf_counter() - start, learned.selection,
-                   learned.clusters)
+                   learned.clusters, learned.diverged)
 
 
 def run_cell(prep: Prepared, method: str, task: str, seed: int, lr: float, init: torch.Tensor | None,
@@ -336,9 +364,15 @@ def _relay(emit: Progress, task: str, method: str, before: int, max_steps: int, 
 def _upstream(model, sources, init, cfg: UpstreamConfig, emit: Progress, store: Checkpoints) -> UpstreamResult:
     key = f"upstream/{cfg.algorithm}"
     state = store.load(key)
+    if state is not None and state.get("diverged"):  # resumed: it would diverge again at the same step
+        raise Diverged(cfg.algorithm, state["step"], state["diverged"])
     if state is not None and state.get("final"):
         return UpstreamResult(cfg.algorithm, state["prompt"], state["step"], state["seconds"], state["curve"])
-    result = meta_train(model, sources, init, cfg, emit, lambda s: store.save(key, s), resume=state)
+    try:
+        result = meta_train(model, sources, init, cfg, emit, lambda s: store.save(key, s), resume=state)
+    except Diverged as e:
+        store.save(key, {"diverged": str(e), "step": e.step})
+        raise
     store.save(key, {"final": True, "prompt": result.prompt, "step": result.steps,
                      "seconds": result.seconds, "curve": result.curve})
     return result

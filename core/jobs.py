@@ -175,6 +175,8 @@ class Reporter:
             self.store.add_event(self.job_id, f"{self.unit} stopped at step {step}: its loss is {event['loss']:g} "
                                               f"(diverged); its best dev score so far, {event['best_dev']:.3f}, counts",
                                  step=step)
+        if "message" in event:  # e.g. an upstream method that diverged and is left out
+            self.store.add_event(self.job_id, event["message"], step=step)
         if self.store.is_cancelled(self.job_id):
             self.store.progress(self.job_id, self.unit, step)
             self.store.add_event(self.job_id, f"{self.unit} stopped at step {step}: cancelled", step=step)
@@ -242,7 +244,7 @@ def prepared(store, job):
 
 def start(store, job_id: str) -> list[Cell]:
     """The upstream step: learn every method's initial prompt and store it; the cells to run next."""
-    from core.experiment import learn_inits
+    from core.experiment import learn_inits, require_a_start
     from core.store import StoreCheckpoints
 
     job = store.get_job(job_id)
@@ -255,11 +257,15 @@ def start(store, job_id: str) -> list[Cell]:
     if spec.upstream:
         store.set_phase(job_id, "upstream")
     learned = learn_inits(prep, UnitRouter(store, job_id), StoreCheckpoints(store, job_id))
+    require_a_start(learned)
     for method, prompt in learned.prompts.items():
         store.save_prompt(job, f"init/{method}", prompt, backbone=spec.backbone, algorithm=method)
     for method, result in learned.upstream.items():
         store.progress(job_id, f"upstream/{method}", result.steps, done=True)
         store.add_event(job_id, f"upstream/{method} finished: {result.steps} steps in {result.seconds:.0f} s")
+    for method in learned.diverged:  # its event was sent when it stopped (UnitRouter)
+        store.progress(job_id, f"upstream/{method}", 0, done=True)
+        store.drop_units(job_id, f"downstream/{method}/")
     if learned.selection is not None:
         store.progress(job_id, "similarity", 0, done=True)
     if learned.clusters is not None:
@@ -277,9 +283,10 @@ def start(store, job_id: str) -> list[Cell]:
     store.save_checkpoint(job_id, "upstream/summary", {
         "selection": json.dumps(asdict(learned.selection)) if learned.selection else "",
         "clusters": json.dumps(learned.clusters.summary) if learned.clusters else "",
-        "pseudo": json.dumps(learned.clusters.pseudo) if learned.clusters else ""})
+        "pseudo": json.dumps(learned.clusters.pseudo) if learned.clusters else "",
+        "diverged": json.dumps(learned.diverged)})
     store.set_phase(job_id, "downstream")
-    return cells(spec)
+    return [c for c in cells(spec) if c.method not in learned.diverged]
 
 
 def run_cell(store, job_id: str, cell: Cell) -> None:
@@ -326,6 +333,8 @@ def aggregate(store, job_id: str) -> None:
     spec = parse_spec(job.spec)
     local = materialize(store, job.owner, spec, backbone=False)  # the scores are in: a backbone dropped since is no matter
     d = spec.downstream
+    summary = store.load_checkpoint(job_id, "upstream/summary") or {}
+    diverged = json.loads(summary.get("diverged") or "{}")
     runs: dict[tuple[str, str], list[RunResult]] = {}
     for row in store.scores(job_id):
         runs.setdefault((row.task, row.method), []).append(RunResult(
@@ -335,16 +344,16 @@ def aggregate(store, job_id: str) -> None:
     for ref in local.targets:
         task = load_task(ref, d.shots)
         tasks[ref.name] = {m: task_result(task, d.seeds, d.ft_lrs if m == "ft" else d.lrs, runs[(ref.name, m)])
-                           for m in spec.methods}
+                           for m in spec.methods if m not in diverged}
     upstream = {}
     for m in (spec.upstream.methods if spec.upstream else []):
-        state = store.load_checkpoint(job_id, f"upstream/{m}")
-        upstream[m] = UpstreamResult(m, state["prompt"], state["step"], state["seconds"], state["curve"])
-    summary = store.load_checkpoint(job_id, "upstream/summary") or {}
+        if m not in diverged:
+            state = store.load_checkpoint(job_id, f"upstream/{m}")
+            upstream[m] = UpstreamResult(m, state["prompt"], state["step"], state["seconds"], state["curve"])
     selection = Selection(**json.loads(summary["selection"])) if summary.get("selection") else None
     clusters = (Clusters([], [], {}, json.loads(summary["clusters"]), json.loads(summary.get("pseudo") or "null"))
                 if summary.get("clusters") else None)
-    results = Results(spec, tasks, upstream, {}, 0.0, selection, clusters)
+    results = Results(spec, tasks, upstream, {}, 0.0, selection, clusters, diverged)
     if job.started_at is not None:
         from core.store.models import now
 
@@ -355,7 +364,7 @@ def aggregate(store, job_id: str) -> None:
     rows = [{"method": m, "task": t, "metric": r.metric, "mean": r.mean, "std": r.std,
              "relative_gain": gains[m][t] if m in gains else None}
             for t, per in tasks.items() for m, r in per.items()]
-    store.save_results(job_id, rows, results.arg())
+    store.save_results(job_id, rows, results.arg(), diverged)
     for t, per in tasks.items():
         for m, r in per.items():
             for run in r.best:
@@ -367,6 +376,8 @@ def aggregate(store, job_id: str) -> None:
             if path.parent == Path(tmp):
                 kind = {".png": "image/png", ".json": "application/json", ".md": "text/markdown"}[path.suffix]
                 store.save_artifact(job_id, path.name, kind, path.read_bytes())
+    if diverged:
+        store.add_event(job_id, f"left out: {', '.join(diverged)} (meta-training diverged; no initial prompt)")
     if left := results.left_out():
         store.add_event(job_id, f"left out of ARG: {', '.join(left)} (PT scored 0, so no relative gain is defined)")
     store.add_event(job_id, "results: " + ", ".join(f"ARG {m} {percent(v, 1, unit='%')}" for m, v in results.arg().items()))

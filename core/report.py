@@ -63,6 +63,11 @@ def markdown(results: Results) -> str:
         lines += [f"| {m} | {percent(args[m])} | {interval(ci[m])} | {u.steps} | {u.seconds / 60:.1f} |"
                   for m, u in results.upstream.items()]
         lines += [f"| ft | {percent(args['ft'])} | {interval(ci['ft'])} | — | — |"] if "ft" in args else []
+        lines += [f"| {m} | diverged | — | — | — |" for m in results.diverged]
+        if results.diverged:
+            lines += [""] + [f"Left out: {why}." for why in results.diverged.values()] + [
+                "", "A method whose meta-training diverged has no initial prompt, so it has no downstream runs; "
+                "the other methods ran in full."]
         if left := results.left_out():
             lines += ["", f"Left out of every ARG: {', '.join(left)}. Plain prompt tuning scored 0 there, "
                       "so no relative gain is defined; the absolute scores are below."]
@@ -163,7 +168,9 @@ def sweep_markdown(sweep) -> str:
              "| " + sweep.spec.sweep.field + " | " + " | ".join(table) + " |",
              "|---|" + "---|" * len(table)]
     for i, (value, _) in enumerate(sweep.runs):
-        lines.append(f"| {_label(value)} | " + " | ".join(percent(table[m][i]) for m in table) + " |")
+        diverged = sweep.runs[i][1].diverged
+        lines.append(f"| {_label(value)} | " + " | ".join("diverged" if m in diverged else percent(table[m][i])
+                                                         for m in table) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -59,7 +59,7 @@ class SweepResults:
     def table(self) -> dict[str, list[float]]:
         """ARG (%) of each method, one entry per sweep value."""
         methods = [m for m in self.spec.methods if m != "pt"]
-        return {m: [r.arg()[m] for _, r in self.runs] for m in methods}
+        return {m: [r.arg().get(m) for _, r in self.runs] for m in methods}  # None: it diverged there
 
     def to_dict(self) -> dict:
         return {"field": self.spec.sweep.field, "values": [v for v, _ in self.runs], "arg": self.table(),
@@ -73,5 +73,5 @@ def run_sweep(spec: JobSpec, progress: Progress | None = None, checkpoints: Chec
     shared = BASELINES if spec.sweep.field.startswith("upstream.") else ()
     for i, (value, variant) in enumerate(todo):
         relay = lambda e, i=i, value=value: emit(e | {"sweep": f"{i + 1}/{len(todo)}", "value": value})
-        runs.append((value, run(variant, relay, _Prefixed(store, f"sweep{i}", shared))))
+        runs.append((value, run(variant, relay, _Prefixed(store, f"sweep{i}", shared), in_sweep=True)))
     return SweepResults(spec, runs)

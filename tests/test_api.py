@@ -1,6 +1,7 @@
 """The HTTP API on SQLite and Postgres: keys, jobs, events, results, prompts and task uploads.
 No worker and no training: `enqueue` records ids, and results are written into the store."""
 import base64
+import html
 import hashlib
 import io
 import json
@@ -283,6 +284,24 @@ def test_results_and_report_wait_for_success_then_show_every_table(api, store):
     assert png.content.startswith(b"\x89PNG") and png.headers["content-type"] == "image/png"
     assert api.client.get(f"/jobs/{job_id}/artifacts/clusters.png", headers=api.alice).status_code == 404
     assert api.client.get(f"/jobs/{job_id}/artifacts/relative_gain.png", headers=api.bob).status_code == 404
+
+
+def test_results_report_and_the_cli_table_name_a_method_whose_meta_training_diverged(api, store):
+    from core.cli import _results_table
+
+    job_id = api.submit().json()["id"]
+    why = "upstream reptile diverged at outer step 3: the episodes' mean loss is nan; lower its outer_lr (0.5)"
+    store.save_results(job_id, [{"method": m, "task": "sms_spam", "metric": "Classification-F1", "mean": mean,
+                                 "std": 0.0, "relative_gain": gain} for m, mean, gain in (("pt", 0.6, None),
+                                                                                         ("maml", 0.66, 0.1))],
+                       {"maml": 10.0}, diverged={"reptile": why})
+    store.set_status(job_id, "succeeded", phase="done")
+    results = api.client.get(f"/jobs/{job_id}/results", headers=api.alice).json()
+    assert results["arg"] == {"maml": 10.0} and results["diverged"] == {"reptile": why}
+    page = api.client.get(f"/jobs/{job_id}/report", headers=api.alice).text
+    assert "<td>maml</td><td>+10.00</td></tr><tr><td>reptile</td><td>diverged</td>" in page
+    assert f"<p>Left out: {html.escape(why)}.</p>" in page
+    assert _results_table(results).endswith(f"| **ARG** | - | +10.0% |\nleft out: {why}")
 
 
 def test_aggregation_copes_with_pt_scores_of_0_below_0_and_nan(api, store):

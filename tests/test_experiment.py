@@ -144,6 +144,66 @@ def test_meta_training_that_diverges_stops_at_once_and_names_the_learning_rates(
     assert len(steps) == 2 and [s["step"] for s in saved] == [1]  # nothing NaN was checkpointed
 
 
+def diverging_at(monkeypatch, methods: set[str], step: int = 2) -> list[str]:
+    """Make the named methods' meta-training blow up at outer `step`; the algorithms it ran, once per step."""
+    import core.algorithms.upstream as upstream
+
+    ran, meta_grad = [], upstream.meta_grad
+
+    def patched(model, prompt, drawn, cfg):
+        grad, losses = meta_grad(model, prompt, drawn, cfg)
+        ran.append(cfg.algorithm)
+        if cfg.algorithm in methods and ran.count(cfg.algorithm) == step:
+            return grad * float("nan"), [float("nan")] * len(losses)
+        return grad, losses
+
+    monkeypatch.setattr(upstream, "meta_grad", patched)
+    return ran
+
+
+def test_a_method_whose_meta_training_diverges_is_left_out_and_the_others_run_in_full(spec_fields, tmp_path,
+                                                                                      monkeypatch):
+    """Hours of the other methods' meta-training are not thrown away for one method's learning rate."""
+    spec_fields["upstream"]["methods"] = ["maml", "fomaml"]
+    path, out = tmp_path / "spec.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec_fields))
+    ran = diverging_at(monkeypatch, {"maml"})
+    result = runner.invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    why = ("upstream maml diverged at outer step 2: the episodes' mean loss is nan and the meta-gradient is not "
+           "finite; lower its outer_lr (0.05) or inner_lr (0.1)")
+    assert f"{why}" in result.output and "maml is left out, the other methods go on" in result.output
+    assert ran == ["maml", "maml"] + ["fomaml"] * 4  # stopped at once; fomaml's 4 steps all ran
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"] == ["pt", "fomaml"] and list(results["diverged"]) == ["maml"]
+    assert results["diverged"]["maml"].startswith(why)
+    assert set(results["arg"]) == {"fomaml"} and set(results["upstream"]) == {"fomaml"}
+    assert all(set(per) == {"pt", "fomaml"} for per in results["tasks"].values())
+    md = (out / "results.md").read_text()
+    assert "| maml | diverged | — | — | — |" in md and f"Left out: {why}" in md
+    assert "| fomaml | " in md and "| color | maml |" not in md
+    assert (out / "prompts" / "init.fomaml.safetensors").exists()
+    assert not [p.name for p in (out / "prompts").iterdir() if "maml" in p.name.split(".")]
+
+    ran.clear()  # run again on the same output: resumed, maml is not trained again only to diverge again
+    again = runner.invoke(app, ["run", str(path), "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert ran == [] and json.loads((out / "results.json").read_text())["diverged"] == results["diverged"]
+
+
+def test_a_job_whose_every_method_diverges_fails_naming_each(spec_fields, tmp_path, monkeypatch):
+    spec_fields["upstream"]["methods"] = ["maml", "reptile"]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_fields))
+    diverging_at(monkeypatch, {"maml", "reptile"}, step=1)
+    result = runner.invoke(app, ["run", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "every upstream method diverged, so there is nothing to compare with prompt tuning" in result.output
+    assert "upstream maml diverged at outer step 1" in result.output
+    assert "upstream reptile diverged at outer step 1" in result.output
+
+
 def test_the_cli_resumes_a_killed_run_from_its_checkpoints(spec_fields, tmp_path):
     """The whole job: killed in the middle of MAML, restarted with the same spec and output."""
     import core.experiment as experiment
@@ -370,6 +430,24 @@ def test_a_sweep_over_the_source_set_gives_one_arg_table_and_plot(spec_fields, t
     assert saved == ["downstream__pt__color.pt", "downstream__pt__greet.pt"]
     assert sweep["runs"][0]["tasks"]["color"]["pt"] == sweep["runs"][1]["tasks"]["color"]["pt"]
     assert any((out / "checkpoints").glob("sweep1__downstream__fomaml__*"))
+
+
+def test_a_sweep_shows_where_methods_diverged(spec_fields, tmp_path, monkeypatch):
+    """Sweeping a learning rate is how one finds where meta-training diverges: that value's cell
+    says so, and the other values and methods still get their ARG."""
+    spec_fields["upstream"].update(methods=["fomaml", "mtl"], steps=2)
+    spec_fields["sweep"] = {"field": "upstream.outer_lr", "values": [0.5, 0.05]}
+    path, out = tmp_path / "sweep.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec_fields))
+    diverging_at(monkeypatch, {"fomaml", "mtl"})  # at each one's second step overall: the first variant's last
+    result = runner.invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output  # a job would fail with no method left; a sweep goes on
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["arg"]["fomaml"][0] is None and isinstance(sweep["arg"]["fomaml"][1], float)
+    assert sweep["arg"]["mtl"][0] is None and isinstance(sweep["arg"]["mtl"][1], float)
+    assert "| 0.5 | diverged | diverged |" in (out / "sweep.md").read_text()
+    assert list(sweep["runs"][0]["diverged"]) == ["fomaml", "mtl"] and sweep["runs"][1]["diverged"] == {}
+    assert "| fomaml | diverged |" in (out / "variant0" / "results.md").read_text()
 
 
 def pool_task(directory, name, labels, n=40):

@@ -9,6 +9,7 @@ from core import jobs
 from core.errors import UserError
 from core.store import Store
 from core.tasks import TaskError
+from tests.test_experiment import diverging_at, spec_fields  # noqa: F401 (a fixture)
 
 
 class Broker:
@@ -150,6 +151,45 @@ def test_a_downstream_run_that_diverged_says_so_in_the_jobs_events(store, job, m
     report({"phase": "pt", "step": 7, "loss": float("nan"), "best_dev": 0.625, "diverged": True})
     assert [e.message for e in store.events(job.id) if e.kind == "log"] == [
         "downstream/pt/t/100/0.3 stopped at step 7: its loss is nan (diverged); its best dev score so far, 0.625, counts"]
+
+
+def test_a_method_whose_meta_training_diverges_costs_the_service_job_only_that_method(store, spec_fields,
+                                                                                      tiny_dir, monkeypatch):
+    """The worker's steps: the diverged method's downstream runs are neither sent nor waited for,
+    the job ends succeeded at 100 %, and its results say which method is missing and why."""
+    from core.settings import settings
+
+    monkeypatch.setenv("PRIMER_BACKBONES", f"tiny={tiny_dir['causal']}")
+    settings.cache_clear()
+    monkeypatch.setattr(jobs, "lease_lost", threading.Event())
+    spec = jobs.parse_spec({**spec_fields, "backbone": "tiny",
+                            "upstream": {**spec_fields["upstream"], "methods": ["maml", "reptile"]}})
+    body = spec.model_dump(mode="json")
+    key, _ = store.create_key("alice")
+    job, _ = store.create_job(key.id, spec.name, body, jobs.spec_hash(body), jobs.units(spec))
+    diverging_at(monkeypatch, {"reptile"})
+    try:
+        cells = jobs.start(store, job.id)
+        assert {c.method for c in cells} == {"pt", "maml"} and len(cells) == len(jobs.cells(spec)) * 2 // 3
+        assert store.downstream_left(job.id) == len(cells)  # reptile's runs are not waited for
+        for cell in cells:
+            jobs.run_cell(store, job.id, cell)
+        assert store.downstream_left(job.id) == 0
+        jobs.aggregate(store, job.id)
+    finally:
+        settings.cache_clear()
+    done = store.get_job(job.id)
+    assert done.status == "succeeded" and store.job_progress(job.id)[0] == store.job_progress(job.id)[1]
+    tasks, methods = store.results(job.id)
+    why = {m.method: m.diverged for m in methods}
+    assert {m.method: m.arg is not None for m in methods} == {"maml": True, "reptile": False}
+    assert why["maml"] is None and why["reptile"].startswith("upstream reptile diverged at outer step 2: ")
+    assert {r.method for r in tasks} == {"pt", "maml"}
+    assert {p.name for p in store.list_prompts(job_id=job.id) if p.name.startswith("init/")} == {"init/pt", "init/maml"}
+    events = [e.message for e in store.events(job.id) if e.kind == "log"]
+    assert any(e.startswith("upstream reptile diverged at outer step 2") and e.endswith(
+        "reptile is left out, the other methods go on") for e in events)
+    assert "left out: reptile (meta-training diverged; no initial prompt)" in events
 
 
 @pytest.mark.parametrize("error,code", [

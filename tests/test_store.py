@@ -72,6 +72,20 @@ def test_migrations_go_up_down_and_up_again_and_match_the_models(empty_url):
         store.engine.dispose()
 
 
+def test_a_downgrade_that_would_lose_what_results_record_refuses_and_keeps_them(store):
+    key, _ = store.create_key("alice")
+    job, _ = store.create_job(key.id, "j", {"name": "j"}, "h", {})
+    store.save_results(job.id, [], {"maml": None}, diverged={"reptile": "upstream reptile diverged at outer step 3"})
+    with pytest.raises(RuntimeError, match="cannot downgrade below 0005: 1 method results record a diverged"):
+        store.downgrade("0004")
+    store.save_results(job.id, [], {"maml": None})  # no diverged method left: 0004 holds the rest
+    store.downgrade("0004")
+    with pytest.raises(RuntimeError, match="cannot downgrade below 0004: 1 method results have no ARG"):
+        store.downgrade("0003")
+    store.upgrade()
+    assert [(m.method, m.arg, m.diverged) for m in store.results(job.id)[1]] == [("maml", None, None)]
+
+
 def test_nan_scores_losses_and_gains_are_stored_and_read_back_as_nan(store):
     # CrossFit's Pearson of constant predictions is NaN, and so is a diverging run's loss: SQLite's
     # REAL would make NaN a NULL (refused where a score is required) and JSON has no NaN at all.

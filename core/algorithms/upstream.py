@@ -110,6 +110,14 @@ class UpstreamResult:
 Checkpoint = Callable[[dict], None]
 
 
+class Diverged(UserError):
+    """Meta-training's loss or meta-gradient turned non-finite: every later step would be NaN too."""
+
+    def __init__(self, algorithm: str, step: int, message: str):
+        super().__init__(message)
+        self.algorithm, self.step = algorithm, step
+
+
 # By default at most this many episodes at once (as measured, on 2 cores): at most twice one
 # episode's memory, however many cores and episodes; `parallel_episodes: true` goes up to one per core.
 DEFAULT_EPISODE_THREADS = 2
@@ -183,10 +191,11 @@ def meta_train(model: SoftPromptModel, sources: dict[str, list[Split]], init: to
         grad, losses = meta_grad(model, prompt, drawn, cfg)
         loss = sum(losses) / len(losses)
         if not (math.isfinite(loss) and torch.isfinite(grad).all()):  # every later step would be NaN too
-            raise UserError(f"upstream {cfg.algorithm} diverged at outer step {step}: the episodes' mean loss is "
-                            f"{loss:g}{'' if torch.isfinite(grad).all() else ' and the meta-gradient is not finite'}; "
-                            f"lower its outer_lr ({cfg.outer_lr:g}) or inner_lr ({cfg.inner_lr:g}) (upstream.outer_lr "
-                            f"and inner_lr, or upstream.per_method.{cfg.algorithm}), or set upstream.grad_clip")
+            raise Diverged(cfg.algorithm, step, (
+                f"upstream {cfg.algorithm} diverged at outer step {step}: the episodes' mean loss is "
+                f"{loss:g}{'' if torch.isfinite(grad).all() else ' and the meta-gradient is not finite'}; "
+                f"lower its outer_lr ({cfg.outer_lr:g}) or inner_lr ({cfg.inner_lr:g}) (upstream.outer_lr "
+                f"and inner_lr, or upstream.per_method.{cfg.algorithm}), or set upstream.grad_clip"))
         prompt.grad = grad / cfg.meta_batch if algo.average else grad
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_([prompt], cfg.grad_clip)

@@ -325,6 +325,12 @@ class Store:
                       .values(step=step, **({"done": True} if done else {})))
             s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=now()))
 
+    def drop_units(self, job_id: str, prefix: str) -> None:
+        """Forget the job's units whose name starts with `prefix`: work it will not do (the
+        downstream runs of a method whose meta-training diverged), so progress ends at 100 %."""
+        with self.session.begin() as s:
+            s.execute(delete(JobUnit).where(JobUnit.job_id == job_id, JobUnit.unit.startswith(prefix, autoescape=True)))
+
     def job_progress(self, job_id: str) -> tuple[int, int]:
         """(steps done, steps in all) over the job's units; a finished unit counts in full."""
         return self.job_progress_many([job_id])[job_id]
@@ -426,13 +432,16 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(Score).where(Score.job_id == job_id).order_by(Score.id)))
 
-    def save_results(self, job_id: str, tasks: list[dict], args: dict[str, float]) -> None:
-        """Replace the job's aggregated results (aggregation may run again after a redelivery)."""
+    def save_results(self, job_id: str, tasks: list[dict], args: dict[str, float],
+                     diverged: dict[str, str] | None = None) -> None:
+        """Replace the job's aggregated results (aggregation may run again after a redelivery);
+        `diverged`: the methods whose meta-training diverged, and why (a row without an ARG)."""
         with self.session.begin() as s:
             s.execute(delete(TaskResult).where(TaskResult.job_id == job_id))
             s.execute(delete(MethodResult).where(MethodResult.job_id == job_id))
             s.add_all(TaskResult(job_id=job_id, **row) for row in tasks)
             s.add_all(MethodResult(job_id=job_id, method=m, arg=v) for m, v in args.items())
+            s.add_all(MethodResult(job_id=job_id, method=m, diverged=why) for m, why in (diverged or {}).items())
 
     def results(self, job_id: str) -> tuple[list[TaskResult], list[MethodResult]]:
         with self.session() as s:

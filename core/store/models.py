@@ -177,6 +177,7 @@ class MethodResult(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     method: Mapped[str] = mapped_column(String(32))
     arg: Mapped[float | None] = mapped_column(FloatNaN, nullable=True)  # None: PT scored 0 on every target task
+    diverged: Mapped[str | None] = mapped_column(Text, nullable=True)  # why its meta-training stopped (then no ARG)
 
 
 class Event(Base):
