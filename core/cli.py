@@ -37,42 +37,33 @@ def user_errors():
     return (UserError, FetchError)
 
 
-# How a meta-batch's episodes run, not what they compute (the same gradient up to rounding): a
-# rerun may change them, say to one episode at a time after running out of memory, and resume.
-HOW_EPISODES_RUN = ("batch_episodes", "parallel_episodes")
-
-
-def _what_it_computes(spec: dict) -> dict:
-    upstream = spec.get("upstream")
-    if isinstance(upstream, dict):
-        upstream = {k: v for k, v in upstream.items() if k not in HOW_EPISODES_RUN}
-    return {**spec, "upstream": upstream}
-
-
 def checkpoints_for(out: Path, job, fresh: bool):
-    """out/checkpoints, tied to the spec that wrote them: rerunning the same spec resumes there."""
+    """out/checkpoints: a rerun resumes there, and reuses each checkpoint whose inputs its spec
+    left as they were (core.experiment.inputs); `fresh` discards them all first."""
     import json
     import shutil
 
-    from core.errors import UserError
-    from core.experiment import DirCheckpoints
+    from core.experiment import NOT_COMPUTED, DirCheckpoints
+
+    def computed(spec: dict) -> dict:
+        up = spec.get("upstream")
+        return {**spec, "upstream": {k: v for k, v in up.items() if k not in NOT_COMPUTED} if up else up}
 
     directory, spec = out / "checkpoints", json.dumps(job.model_dump(), sort_keys=True)
-    written = directory / "spec.json"
-    if written.exists() and _what_it_computes(json.loads(written.read_text())) != _what_it_computes(json.loads(spec)):
-        if not fresh:
-            raise UserError(f"{directory} holds checkpoints of a different spec; pass --fresh to discard "
-                            "them, or choose another --out")
+    if fresh and directory.exists():
         shutil.rmtree(directory)
-    return DirCheckpoints(directory, header=spec)
+    written = directory / "spec.json"
+    trusted = written.exists() and computed(json.loads(written.read_text())) == computed(json.loads(spec))
+    return DirCheckpoints(directory, header=spec, trusted=trusted)
 
 
 @app.command()
 def run(spec: Path = typer.Argument(..., help="job spec (YAML)"),
         out: Path = typer.Option(None, help="output directory (default: runs/<spec name>)"),
-        fresh: bool = typer.Option(False, help="discard checkpoints of a different spec in the output directory")):
-    """Run a job spec end to end: results.json, results.md, plots and prompts. Rerunning the same
-    spec with the same --out resumes from its checkpoints."""
+        fresh: bool = typer.Option(False, help="discard every checkpoint in the output directory first")):
+    """Run a job spec end to end: results.json, results.md, plots and prompts. Rerunning with the
+    same --out resumes from its checkpoints, and after a change to the spec still reuses those
+    whose inputs the change left alone (another method's lr, an added target or method)."""
     from tqdm import tqdm
 
     from core import experiment, report, sweep

@@ -8,6 +8,8 @@ the result an uninterrupted run gets.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import random
 import time
@@ -50,9 +52,12 @@ class DirCheckpoints:
     """One torch file per key; written to a temporary name and renamed, so a crash mid-write
     leaves the previous checkpoint intact. Loaded with weights_only (no arbitrary pickles)."""
 
-    def __init__(self, directory: Path, header: str | None = None):
+    def __init__(self, directory: Path, header: str | None = None, trusted: bool = False):
         self.directory = directory
-        self.header = header  # written to spec.json with the first checkpoint: whose they are
+        self.header = header  # written to spec.json with the first checkpoint: the spec that began here
+        # True where spec.json's spec computes what this run's does: checkpoints written before
+        # they were stamped with their inputs (`Stamped`) are this spec's own and count
+        self.trusted = trusted
 
     def _path(self, key: str) -> Path:
         return self.directory / (key.replace("/", "__") + ".pt")
@@ -69,6 +74,67 @@ class DirCheckpoints:
         tmp = self._path(key).with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self._path(key))
+
+
+# How a meta-batch's episodes run (the same gradient up to rounding) and how often checkpoints
+# are written: changing them leaves every checkpoint valid (say, one episode at a time after
+# running out of memory).
+NOT_COMPUTED = ("batch_episodes", "parallel_episodes", "checkpoint_every")
+
+
+def inputs(spec: JobSpec, key: str) -> str:
+    """A digest of the spec fields that the work checkpointed under `key` can depend on. A rerun
+    whose spec changed only elsewhere (another method's learning rate, one more target or
+    method) reuses that checkpoint; a change that could alter it makes it stale. Where a
+    dependence is not plain (source selection, MetaPT's pooled methods, similarity prompts)
+    the checkpoint depends on the whole spec."""
+    d = spec.model_dump(mode="json", exclude={"name", "sweep"})
+    up = d["upstream"]
+    for k in NOT_COMPUTED if up else ():
+        up.pop(k)
+    kind, method, *task = key.split("/")
+    if kind not in ("upstream", "downstream"):
+        return _digest(d)
+    if method in ("pt", "ft"):
+        d["upstream"] = None  # the baselines never see the upstream phase
+    elif up:
+        up["methods"], up["per_method"] = [method], {m: o for m, o in up["per_method"].items() if m == method}
+        if method not in POOLED:
+            up.pop("clustering")
+    # Only a method trained on the sources as given is free of the targets and downstream settings
+    # (selection tunes on the targets; MetaPT's pseudo-labelling batches by eval_batch_size).
+    own = method in ("pt", "ft") or (method not in POOLED and not isinstance(spec.upstream.sources, SourceSelection))
+    if kind == "upstream" and own:
+        del d["targets"], d["downstream"]
+    if kind == "downstream":
+        if own:
+            d["targets"] = [t for t in d["targets"] if t["name"] == task[0]]
+        for k in ("lrs", "optimizer") if method == "ft" else ("finetune", "ft_lrs", "ft_optimizer"):
+            d["downstream"].pop(k)  # fine-tuning's own lrs and optimizer replace PT's
+    return _digest(d)
+
+
+def _digest(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+class Stamped:
+    """Checkpoints stamped with the digest of their inputs (`inputs`): one written for other
+    inputs loads as none and is redone, so an output directory may be rerun with a changed spec."""
+
+    def __init__(self, store: Checkpoints, spec: JobSpec):
+        self.store, self.spec = store, spec
+
+    def load(self, key: str) -> dict | None:
+        state = self.store.load(key)
+        if state is None:
+            return None
+        if "inputs" not in state:  # written before checkpoints were stamped
+            return state if getattr(self.store, "trusted", False) else None
+        return state if state["inputs"] == inputs(self.spec, key) else None
+
+    def save(self, key: str, state: dict) -> None:
+        self.store.save(key, {**state, "inputs": inputs(self.spec, key)})
 
 
 @dataclass
@@ -287,7 +353,7 @@ def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoint
         load=None, in_sweep: bool = False) -> Results:
     start = time.perf_counter()
     emit = progress or (lambda event: None)
-    store = checkpoints or NoCheckpoints()
+    store = Stamped(checkpoints or NoCheckpoints(), spec)
     prep = prepare(spec, emit, load)
     learned = learn_inits(prep, emit, store)
     if not in_sweep:

@@ -16,6 +16,7 @@ class _Prefixed:
 
     def __init__(self, store: Checkpoints, prefix: str, shared: tuple[str, ...] = ()):
         self.store, self.prefix, self.shared = store, prefix, shared
+        self.trusted = getattr(store, "trusted", False)
 
     def _key(self, key: str) -> str:
         return key if key.startswith(self.shared) else f"{self.prefix}/{key}"

@@ -252,26 +252,110 @@ def test_bad_specs_fail_before_any_training(spec_fields, tmp_path, change, messa
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
 
 
-def test_rerunning_with_another_spec_in_the_same_output_needs_fresh(spec_fields, tmp_path):
+def changed(fields: dict, path: str, value) -> dict:
+    """A deep copy of the spec fields with the dotted `path` set to `value`."""
+    import copy
+
+    out = copy.deepcopy(fields)
+    *parents, leaf = path.split(".")
+    node = out
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return out
+
+
+KEYS = ["upstream/maml", "upstream/fomaml", "downstream/pt/color", "downstream/maml/color",
+        "downstream/fomaml/color", "downstream/ft/color", "similarity/sent"]
+
+
+@pytest.mark.parametrize("path, value, stale", [
+    ("name", "renamed", []),
+    ("upstream.parallel_episodes", True, []),  # how episodes run, not what they compute
+    ("upstream.batch_episodes", True, []),
+    ("upstream.checkpoint_every", 1, []),
+    ("upstream.per_method", {"maml": {"inner_lr": 0.2}}, ["upstream/maml", "downstream/maml/color"]),
+    ("upstream.methods", ["maml", "fomaml", "reptile"], []),  # one more method: nothing done is undone
+    ("upstream.steps", 5, ["upstream/maml", "upstream/fomaml", "downstream/maml/color", "downstream/fomaml/color"]),
+    ("upstream.clustering.k", 3, []),  # MetaPT's, not MAML's or FoMAML's
+    ("targets", "+", []),  # one more target task: the others' runs and the starts hold
+    ("downstream.lrs", [0.1], ["downstream/pt/color", "downstream/maml/color", "downstream/fomaml/color"]),
+    ("downstream.ft_lrs", [1e-3], ["downstream/ft/color"]),
+    ("max_input_tokens", 64, KEYS[:-1]),
+    ("prompt.length", 4, KEYS[:-1]),
+])
+def test_a_checkpoint_goes_stale_exactly_when_what_it_depends_on_changes(spec_fields, tmp_path, path, value, stale):
+    from core.experiment import inputs
+
+    spec_fields["upstream"]["methods"] = ["maml", "fomaml"]
+    spec_fields["downstream"].update(finetune=True, ft_lrs=[1e-4])
+    if path == "targets":
+        value = spec_fields["targets"] + [tiny_task(tmp_path / "tasks", "extra", ("up", "down"))]
+    before, after = parse_spec(spec_fields), parse_spec(changed(spec_fields, path, value))
+    # similarity prompts depend on the whole spec: any change but the name and how episodes run
+    whole = path not in ("name", "upstream.parallel_episodes", "upstream.batch_episodes", "upstream.checkpoint_every")
+    assert [k for k in KEYS if inputs(before, k) != inputs(after, k)] == stale + (["similarity/sent"] if whole else [])
+
+
+def test_where_a_start_depends_on_the_targets_every_target_change_makes_it_stale(spec_fields, tmp_path):
+    """Source selection tunes prompts on the targets, and MetaPT's pseudo-labelling reads
+    downstream settings: there the start, and each method's runs, depend on the whole spec."""
+    from core.experiment import inputs
+
+    more = [tiny_task(tmp_path / "tasks", "extra", ("up", "down"))]
+    selected = changed(spec_fields, "upstream.sources", {"select": "top_k_similar", "k": 2,
+                                                          "candidates": spec_fields["upstream"]["sources"]})
+    for fields, method in ((selected, "maml"), (changed(spec_fields, "upstream.methods", ["metapt"]), "metapt")):
+        before = parse_spec(fields)
+        after = parse_spec(changed(fields, "targets", fields["targets"] + more))
+        assert inputs(before, f"upstream/{method}") != inputs(after, f"upstream/{method}")
+        assert inputs(before, f"downstream/{method}/color") != inputs(after, f"downstream/{method}/color")
+        assert inputs(before, "downstream/pt/color") == inputs(after, "downstream/pt/color")
+
+
+def test_a_rerun_with_a_changed_spec_redoes_only_what_the_change_touches(spec_fields, tmp_path, monkeypatch):
+    """After one method's learning rate is changed (it diverged, say), a rerun on the same output
+    meta-trains and prompt-tunes that method alone, and ends where a clean run of the new spec does."""
+    import core.experiment as experiment
+
+    spec_fields["upstream"]["methods"] = ["maml", "fomaml"]
+    path, out = tmp_path / "spec.yaml", tmp_path / "out"
+    path.write_text(yaml.safe_dump(spec_fields))
+    assert runner.invoke(app, ["run", str(path), "--out", str(out)]).exit_code == 0
+
+    new = changed(spec_fields, "upstream.per_method", {"fomaml": {"outer_lr": 0.1}})
+    clean = run(parse_spec(new))
+    trained, tuned = [], []
+    meta_train, prompt_tune = experiment.meta_train, experiment.prompt_tune
+    monkeypatch.setattr(experiment, "meta_train", lambda m, s, i, cfg, *a, **k: trained.append(cfg.algorithm)
+                        or meta_train(m, s, i, cfg, *a, **k))
+    monkeypatch.setattr(experiment, "prompt_tune", lambda m, task, *a, **k: tuned.append(task.info.name)
+                        or prompt_tune(m, task, *a, **k))
+    path.write_text(yaml.safe_dump(new))
+    result = runner.invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert trained == ["fomaml"] and tuned == ["color", "greet"]  # fomaml's start, then its runs on each target
+    scores = lambda tasks: {t: {m: [(r["seed"], r["lr"], r["best_dev"], r["best_step"], r["test"], r["curve"])  # noqa: E731
+                                     for r in res["runs"]] for m, res in per.items()} for t, per in tasks.items()}
+    rerun = json.loads((out / "results.json").read_text())
+    assert scores(rerun["tasks"]) == scores(json.loads(json.dumps(clean.to_dict()["tasks"])))  # all but the seconds
+    assert rerun["arg"] == pytest.approx(clean.arg())
+
+
+def test_fresh_discards_every_checkpoint_and_unstamped_ones_count_only_for_their_own_spec(spec_fields, tmp_path):
+    """Checkpoints written before they carried their inputs' digest: spec.json says whose they
+    are, so the same spec (or one that runs episodes another way) resumes from them, another does not."""
     from core.cli import checkpoints_for
+    from core.experiment import Stamped
 
-    checkpoints_for(tmp_path, parse_spec(spec_fields), fresh=False).save("upstream/maml", {"step": 1})
-    spec_fields["upstream"]["steps"] = 5
-    with pytest.raises(ValueError, match="holds checkpoints of a different spec; pass --fresh"):
-        checkpoints_for(tmp_path, parse_spec(spec_fields), fresh=False)
-    store = checkpoints_for(tmp_path, parse_spec(spec_fields), fresh=True)
-    assert store.load("upstream/maml") is None  # the other spec's checkpoints are gone
-
-
-def test_rerunning_with_the_episodes_run_another_way_resumes(spec_fields, tmp_path):
-    """One episode at a time instead of in parallel threads (after running out of memory, say), or
-    batched: the same meta-gradient, so the checkpoints still hold."""
-    from core.cli import checkpoints_for
-
-    checkpoints_for(tmp_path, parse_spec(spec_fields), fresh=False).save("upstream/maml", {"step": 1})
+    spec = parse_spec(spec_fields)
+    checkpoints_for(tmp_path, spec, fresh=False).save("upstream/maml", {"step": 1})
     for how in ({"parallel_episodes": False}, {"parallel_episodes": True}, {"batch_episodes": True}):
-        changed = {**spec_fields, "upstream": {**spec_fields["upstream"], **how}}
-        assert checkpoints_for(tmp_path, parse_spec(changed), fresh=False).load("upstream/maml") == {"step": 1}
+        same = parse_spec(changed(spec_fields, "upstream", {**spec_fields["upstream"], **how}))
+        assert Stamped(checkpoints_for(tmp_path, same, fresh=False), same).load("upstream/maml") == {"step": 1}
+    other = parse_spec(changed(spec_fields, "upstream.steps", 5))
+    assert Stamped(checkpoints_for(tmp_path, other, fresh=False), other).load("upstream/maml") is None
+    assert checkpoints_for(tmp_path, spec, fresh=True).load("upstream/maml") is None  # all gone
 
 
 def test_a_kept_backbone_is_left_as_it_was_found_by_every_method(spec_fields):
