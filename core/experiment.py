@@ -85,16 +85,21 @@ NOT_COMPUTED = ("batch_episodes", "parallel_episodes", "checkpoint_every")
 def inputs(spec: JobSpec, key: str) -> str:
     """A digest of the spec fields that the work checkpointed under `key` can depend on. A rerun
     whose spec changed only elsewhere (another method's learning rate, one more target or
-    method) reuses that checkpoint; a change that could alter it makes it stale. Where a
-    dependence is not plain (source selection, MetaPT's pooled methods, similarity prompts)
-    the checkpoint depends on the whole spec."""
+    method) reuses that checkpoint; a change that could alter it makes it stale."""
+    return digest(depends_on(spec, key))
+
+
+def depends_on(spec: JobSpec, key: str) -> dict:
+    """The spec fields the work under `key` can depend on. Where a dependence is not plain
+    (source selection, MetaPT's pooled methods, similarity prompts) that is the whole spec."""
     d = spec.model_dump(mode="json", exclude={"name", "sweep"})
+    d["downstream"].pop("reuse_baselines")  # where a baseline's runs come from, not what they compute
     up = d["upstream"]
     for k in NOT_COMPUTED if up else ():
         up.pop(k)
     kind, method, *task = key.split("/")
     if kind not in ("upstream", "downstream"):
-        return _digest(d)
+        return d
     if method in ("pt", "ft"):
         d["upstream"] = None  # the baselines never see the upstream phase
     elif up:
@@ -111,10 +116,10 @@ def inputs(spec: JobSpec, key: str) -> str:
             d["targets"] = [t for t in d["targets"] if t["name"] == task[0]]
         for k in ("lrs", "optimizer") if method == "ft" else ("finetune", "ft_lrs", "ft_optimizer"):
             d["downstream"].pop(k)  # fine-tuning's own lrs and optimizer replace PT's
-    return _digest(d)
+    return d
 
 
-def _digest(fields: dict) -> str:
+def digest(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

@@ -289,8 +289,27 @@ def start(store, job_id: str) -> list[Cell]:
     return [c for c in cells(spec) if c.method not in learned.diverged]
 
 
+BASELINES = ("pt", "ft")  # the runs that never see the upstream phase: one job's may serve the next
+
+
+def cell_inputs(store, owner: str, spec: JobSpec, cell: Cell) -> str:
+    """A digest of what a PT or FT cell computes from: the spec fields core.experiment.inputs
+    names for its task (but the grid: the cell is one seed and one lr), the backbone as this
+    service serves that name, and an uploaded task by its id (an upload never changes)."""
+    from core.experiment import depends_on, digest
+
+    fields = depends_on(spec, f"downstream/{cell.method}/{cell.task}")
+    fields["downstream"] = {k: v for k, v in fields["downstream"].items() if k not in ("seeds", "lrs", "ft_lrs")}
+    fields["backbone"] = settings().backbone_allowlist().get(spec.backbone, spec.backbone)
+    upload = store.get_task(owner, cell.task) if cell.task not in packs.PACKS else None
+    fields["upload"] = upload.id if upload else None
+    return digest(fields)
+
+
 def run_cell(store, job_id: str, cell: Cell) -> None:
-    """One downstream run; nothing to do if its score is stored already (a redelivery)."""
+    """One downstream run; nothing to do if its score is stored already (a redelivery). A PT or
+    FT run the owner made before from the same inputs is taken as it is if the spec asks to
+    reuse_baselines."""
     from core.experiment import run_cell as train_cell
     from core.prompts import prompt_bytes
 
@@ -301,6 +320,17 @@ def run_cell(store, job_id: str, cell: Cell) -> None:
     if stored is not None:
         store.progress(job_id, cell.unit, stored.steps, done=True)  # its worker may have died before saying so
         return
+    spec = parse_spec(job.spec)
+    stamp = cell_inputs(store, job.owner, spec, cell) if cell.method in BASELINES else None
+    earlier = (store.find_score(job.owner, stamp, cell.method, cell.task, cell.seed, cell.lr)
+               if stamp and spec.downstream.reuse_baselines else None)
+    if earlier is not None:  # before the backbone is loaded: a reused run costs no model at all
+        store.save_score(job_id=job_id, **{c: getattr(earlier, c) for c in (
+            "method", "task", "seed", "lr", "metric", "dev", "test", "best_step", "steps", "seconds", "curve",
+            "prompt", "inputs")})
+        store.add_event(job_id, f"{cell.unit} reused from {earlier.job_id}, whose run had the same inputs")
+        store.progress(job_id, cell.unit, earlier.steps, done=True)
+        return
     prep = prepared(store, job)
     init = None
     if cell.method != "ft":
@@ -310,7 +340,7 @@ def run_cell(store, job_id: str, cell: Cell) -> None:
     store.save_score(job_id=job_id, method=cell.method, task=cell.task, seed=cell.seed, lr=cell.lr,
                      metric=prep.targets[cell.task].info.metric, dev=run.best_dev, test=run.test,
                      best_step=run.best_step, steps=run.steps, seconds=run.seconds, curve=run.curve,
-                     prompt=prompt_bytes(run.prompt) if run.prompt is not None else None)
+                     prompt=prompt_bytes(run.prompt) if run.prompt is not None else None, inputs=stamp)
     store.progress(job_id, cell.unit, run.steps, done=True)
 
 

@@ -115,6 +115,10 @@ class DownstreamSpec(Strict):
     finetune: bool = False
     ft_lrs: list[LearningRate] = Field(default_factory=lambda: [1e-5, 2e-5, 5e-5], min_length=1, max_length=MAX_ITEMS)
     ft_optimizer: Literal[OPTIMIZERS] = "adamw"  # type: ignore[valid-type]
+    # The service: take a PT or FT run from one of the owner's earlier jobs where it had the same
+    # inputs (backbone, task, split seed, lr and every setting it reads) instead of training it
+    # again; the job's events name each one and where it came from
+    reuse_baselines: bool = False
 
 
 class MethodOptions(Strict):

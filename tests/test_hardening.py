@@ -192,6 +192,64 @@ def test_a_method_whose_meta_training_diverges_costs_the_service_job_only_that_m
     assert "left out: reptile (meta-training diverged; no initial prompt)" in events
 
 
+def run_job(store, owner: str, fields: dict) -> str:
+    """A job through the worker's steps, in this process: start, every cell, aggregate."""
+    spec = jobs.parse_spec(fields)
+    body = spec.model_dump(mode="json")
+    job, _ = store.create_job(owner, spec.name, body, jobs.spec_hash(body), jobs.units(spec))
+    for cell in jobs.start(store, job.id):
+        jobs.run_cell(store, job.id, cell)
+    jobs.aggregate(store, job.id)
+    assert store.get_job(job.id).status == "succeeded"
+    return job.id
+
+
+def test_a_job_asking_to_reuse_baselines_takes_the_owners_earlier_runs_with_the_same_inputs(
+        store, spec_fields, tiny_dir, monkeypatch):
+    """Only PT and FT, only the same owner's, only where every input matches: the backbone, the
+    task, the split seed, the lr and each setting the run reads; the rest is trained."""
+    import core.experiment as experiment
+    from core.settings import settings
+    from tests.test_experiment import changed
+
+    monkeypatch.setenv("PRIMER_BACKBONES", f"tiny={tiny_dir['causal']}")
+    settings.cache_clear()
+    monkeypatch.setattr(jobs, "lease_lost", threading.Event())
+    trained, train = [], experiment.run_cell
+    monkeypatch.setattr(experiment, "run_cell", lambda prep, method, task, seed, lr, *a: trained.append(
+        (method, task, seed, lr)) or train(prep, method, task, seed, lr, *a))
+    fields = {**spec_fields, "backbone": "tiny", "upstream": {**spec_fields["upstream"], "methods": ["fomaml"]},
+              "downstream": {**spec_fields["downstream"], "finetune": True, "ft_lrs": [1e-4]}}
+    alice, bob = (store.create_key(who)[0].id for who in ("alice", "bob"))
+    try:
+        first = run_job(store, alice, fields)
+        assert len(trained) == 2 * 3 * 2  # 2 targets x (pt, fomaml, ft) x 2 seeds, one lr each
+
+        trained.clear()  # another outer lr, one more PT lr, and asking for reuse
+        again = changed(changed(fields, "upstream.outer_lr", 0.1), "downstream.lrs", [0.05, 0.1])
+        second = run_job(store, alice, changed(again, "downstream.reuse_baselines", True))
+        assert sorted({(m, lr) for m, _, _, lr in trained}) == [("fomaml", 0.05), ("fomaml", 0.1), ("pt", 0.1)]
+        reused = [e.message for e in store.events(second) if " reused from " in e.message]
+        assert len(reused) == 2 * 2 * 2 and all(m.endswith(f"reused from {first}, whose run had the same inputs")
+                                                for m in reused)
+        for t, seed, method, lr in [(t, seed, m, lr) for t in ("color", "greet") for seed in (100, 13)
+                                    for m, lr in (("pt", 0.05), ("ft", 1e-4))]:
+            a, b = store.get_score(first, method, t, seed, lr), store.get_score(second, method, t, seed, lr)
+            assert (a.dev, a.test, a.curve, a.prompt) == (b.dev, b.test, b.curve, b.prompt)
+
+        for owner, spec in ((alice, changed(again, "prompt.length", 4)),  # the prompt: every PT run changes
+                            (alice, changed(again, "downstream.max_steps", 3)),
+                            (bob, again)):  # another owner's runs are never taken
+            trained.clear()
+            run_job(store, owner, changed(spec, "downstream.reuse_baselines", True))
+            assert sum(m == "pt" for m, *_ in trained) == 2 * 2 * 2 and sum(m == "ft" for m, *_ in trained) == 4
+        trained.clear()
+        run_job(store, alice, again)  # not asked: everything is trained
+        assert len(trained) == 2 * 2 * (2 + 2 + 1)
+    finally:
+        settings.cache_clear()
+
+
 @pytest.mark.parametrize("error,code", [
     (UserError("prompt has width 64 but backbone tiny embeds tokens in 32 dimensions"), "invalid_input"),
     (TaskError("tiny_sentiment_2_13_train.tsv, line 2: no tab"), "invalid_task"),

@@ -428,6 +428,13 @@ class Store:
             return s.scalar(select(Score).where(Score.job_id == job_id, Score.method == method, Score.task == task,
                                                 Score.seed == seed, Score.lr == lr))
 
+    def find_score(self, owner: str, inputs: str, method: str, task: str, seed: int, lr: float) -> Score | None:
+        """The owner's earliest run of that cell computed from the same `inputs`, in any job."""
+        with self.session() as s:
+            return s.scalar(select(Score).join(Job, Job.id == Score.job_id).where(
+                Job.owner == owner, Score.inputs == inputs, Score.method == method, Score.task == task,
+                Score.seed == seed, Score.lr == lr).order_by(Score.id).limit(1))
+
     def scores(self, job_id: str) -> list[Score]:
         with self.session() as s:
             return list(s.scalars(select(Score).where(Score.job_id == job_id).order_by(Score.id)))

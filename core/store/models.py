@@ -152,6 +152,9 @@ class Score(Base):
     seconds: Mapped[float] = mapped_column(Float)
     curve: Mapped[list] = mapped_column(JSONNaN)
     prompt: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # best-dev prompt (safetensors)
+    # PT and FT runs: a digest of what the run computed from (core.jobs.cell_inputs), so that a
+    # later job of the same owner asking for reuse_baselines can take it instead of training
+    inputs: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class TaskResult(Base):
