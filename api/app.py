@@ -519,7 +519,8 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
             left_out_of_arg=left_out(tasks, methods),
             diverged=diverged,
             scores=[S.RunScore(method=s.method, task=s.task, seed=s.seed, lr=s.lr, dev=s.dev, test=s.test,
-                               metric=s.metric, best_step=s.best_step, steps=s.steps) for s in store.scores(job.id)])
+                               metric=s.metric, best_step=s.best_step, steps=s.steps, reused_from=s.reused_from)
+                    for s in store.scores(job.id)])
 
     @app.get("/jobs/{job_id}/report", response_class=HTMLResponse, tags=["results"])
     def report(job_id: str, key=Depends(auth)):

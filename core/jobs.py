@@ -327,8 +327,9 @@ def run_cell(store, job_id: str, cell: Cell) -> None:
     if earlier is not None:  # before the backbone is loaded: a reused run costs no model at all
         store.save_score(job_id=job_id, **{c: getattr(earlier, c) for c in (
             "method", "task", "seed", "lr", "metric", "dev", "test", "best_step", "steps", "seconds", "curve",
-            "prompt", "inputs")})
-        store.add_event(job_id, f"{cell.unit} reused from {earlier.job_id}, whose run had the same inputs")
+            "prompt", "inputs")}, reused_from=earlier.reused_from or earlier.job_id)
+        store.add_event(job_id, f"{cell.unit} reused from {earlier.reused_from or earlier.job_id}, whose run had "
+                                "the same inputs")
         store.progress(job_id, cell.unit, earlier.steps, done=True)
         return
     prep = prepared(store, job)

@@ -248,7 +248,8 @@ def finish(store, job_id):
     """What a worker leaves behind: scores, aggregated results, a plot, status succeeded."""
     for seed, test in ((13, 0.5), (21, 0.7)):
         store.save_score(job_id=job_id, method="pt", task="sms_spam", seed=seed, lr=0.3, metric="Classification-F1",
-                         dev=0.6, test=test, best_step=5, steps=10, seconds=1.0, curve=[])
+                         dev=0.6, test=test, best_step=5, steps=10, seconds=1.0, curve=[],
+                         reused_from="job_before" if seed == 21 else None)  # downstream.reuse_baselines
     store.save_results(job_id, [
         {"method": "pt", "task": "sms_spam", "metric": "Classification-F1", "mean": 0.6, "std": 0.1,
          "relative_gain": None},
@@ -269,7 +270,8 @@ def test_results_and_report_wait_for_success_then_show_every_table(api, store):
     assert results["arg"] == {"maml": 10.0} and results["left_out_of_arg"] == []
     assert results["tasks"][1] == {"method": "maml", "task": "<b>spam</b>", "metric": "Classification-F1",
                                    "mean": 0.66, "std": 0.05, "relative_gain": 0.1}
-    assert [(s["seed"], s["test"]) for s in results["scores"]] == [(13, 0.5), (21, 0.7)]
+    assert [(s["seed"], s["test"], s["reused_from"]) for s in results["scores"]] == [
+        (13, 0.5, None), (21, 0.7, "job_before")]
 
     r = api.client.get(f"/jobs/{job_id}/report", headers=api.alice)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")

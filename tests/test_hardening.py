@@ -236,6 +236,7 @@ def test_a_job_asking_to_reuse_baselines_takes_the_owners_earlier_runs_with_the_
                                     for m, lr in (("pt", 0.05), ("ft", 1e-4))]:
             a, b = store.get_score(first, method, t, seed, lr), store.get_score(second, method, t, seed, lr)
             assert (a.dev, a.test, a.curve, a.prompt) == (b.dev, b.test, b.curve, b.prompt)
+            assert (a.reused_from, b.reused_from) == (None, first)
 
         for owner, spec in ((alice, changed(again, "prompt.length", 4)),  # the prompt: every PT run changes
                             (alice, changed(again, "downstream.max_steps", 3)),

@@ -75,6 +75,15 @@ def test_migrations_go_up_down_and_up_again_and_match_the_models(empty_url):
 def test_a_downgrade_that_would_lose_what_results_record_refuses_and_keeps_them(store):
     key, _ = store.create_key("alice")
     job, _ = store.create_job(key.id, "j", {"name": "j"}, "h", {})
+    cell = dict(job_id=job.id, method="pt", task="t", seed=1, lr=0.1, metric="ACC", dev=0.5, test=0.5, best_step=1,
+                steps=1, seconds=1.0, curve=[], inputs="d" * 64)
+    store.save_score(**cell, reused_from="job_earlier")
+    with pytest.raises(RuntimeError, match="cannot downgrade below 0006: 1 scores were reused from earlier jobs"):
+        store.downgrade("0005")
+    assert store.get_score(job.id, "pt", "t", 1, 0.1).reused_from == "job_earlier"
+    with store.engine.begin() as conn:  # a score of its own: the digest alone may go
+        conn.execute(update(Score).values(reused_from=None))
+    store.downgrade("0005")
     store.save_results(job.id, [], {"maml": None}, diverged={"reptile": "upstream reptile diverged at outer step 3"})
     with pytest.raises(RuntimeError, match="cannot downgrade below 0005: 1 method results record a diverged"):
         store.downgrade("0004")

@@ -155,6 +155,7 @@ class Score(Base):
     # PT and FT runs: a digest of what the run computed from (core.jobs.cell_inputs), so that a
     # later job of the same owner asking for reuse_baselines can take it instead of training
     inputs: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    reused_from: Mapped[str | None] = mapped_column(String(40), nullable=True)  # the job whose run this is
 
 
 class TaskResult(Base):
