@@ -79,6 +79,9 @@ def run(spec: Path = typer.Argument(..., help="job spec (YAML)"),
         shown_unit: list = [None]
 
         def progress(event: dict) -> None:
+            if "phase" not in event:  # a message alone (a checkpoint made from other inputs)
+                bar.write(event["message"], file=sys.stderr)
+                return
             # a new unit of work (an upstream method, the downstream grid) restarts the bar's clock,
             # so its elapsed time and s/step are that unit's own
             unit = (event["phase"], None if "grand_total" in event else event.get("method"))

@@ -127,16 +127,19 @@ class Stamped:
     """Checkpoints stamped with the digest of their inputs (`inputs`): one written for other
     inputs loads as none and is redone, so an output directory may be rerun with a changed spec."""
 
-    def __init__(self, store: Checkpoints, spec: JobSpec):
-        self.store, self.spec = store, spec
+    def __init__(self, store: Checkpoints, spec: JobSpec, emit: Progress = lambda event: None):
+        self.store, self.spec, self.emit = store, spec, emit
 
     def load(self, key: str) -> dict | None:
         state = self.store.load(key)
         if state is None:
             return None
-        if "inputs" not in state:  # written before checkpoints were stamped
-            return state if getattr(self.store, "trusted", False) else None
-        return state if state["inputs"] == inputs(self.spec, key) else None
+        stamp = state.get("inputs")  # none: written before checkpoints were stamped, under spec.json's spec
+        if stamp == inputs(self.spec, key) or (stamp is None and getattr(self.store, "trusted", False)):
+            return state
+        self.emit({"message": f"{key}: its checkpoint was made from other inputs (the spec has changed since), "
+                              "so it is done again"})
+        return None
 
     def save(self, key: str, state: dict) -> None:
         self.store.save(key, {**state, "inputs": inputs(self.spec, key)})
@@ -358,7 +361,7 @@ def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoint
         load=None, in_sweep: bool = False) -> Results:
     start = time.perf_counter()
     emit = progress or (lambda event: None)
-    store = Stamped(checkpoints or NoCheckpoints(), spec)
+    store = Stamped(checkpoints or NoCheckpoints(), spec, emit)
     prep = prepare(spec, emit, load)
     learned = learn_inits(prep, emit, store)
     if not in_sweep:
