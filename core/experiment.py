@@ -26,6 +26,7 @@ from core.algorithms.upstream import Diverged, UpstreamConfig, UpstreamResult, m
 from core.backbones.soft_prompt import SoftPromptModel
 from core.errors import UserError
 from core.metrics import arg, arg_difference_interval, arg_interval, relative_gain
+from core.names import BASELINES
 from core.prompts import init_prompt
 from core.settings import settings
 from core.similarity import Selection, select_top_k, task_prompt
@@ -100,7 +101,7 @@ def depends_on(spec: JobSpec, key: str) -> dict:
     kind, method, *task = key.split("/")
     if kind not in ("upstream", "downstream"):
         return d
-    if method in ("pt", "ft"):
+    if method in BASELINES:
         d["upstream"] = None  # the baselines never see the upstream phase
     elif up:
         up["methods"], up["per_method"] = [method], {m: o for m, o in up["per_method"].items() if m == method}
@@ -108,7 +109,7 @@ def depends_on(spec: JobSpec, key: str) -> dict:
             up.pop("clustering")
     # Only a method trained on the sources as given is free of the targets and downstream settings
     # (selection tunes on the targets; MetaPT's pseudo-labelling batches by eval_batch_size).
-    own = method in ("pt", "ft") or (method not in POOLED and not isinstance(spec.upstream.sources, SourceSelection))
+    own = method in BASELINES or (method not in POOLED and not isinstance(spec.upstream.sources, SourceSelection))
     if kind == "upstream" and own:
         del d["targets"], d["downstream"]
     if kind == "downstream":

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.fetch import once
+from core.names import BASELINES
 from core.settings import settings
 from core.spec import JobSpec, SourceSelection, SpecError, TaskRef, parse_spec
 from core.tasks import catalog, packs
@@ -287,9 +288,6 @@ def start(store, job_id: str) -> list[Cell]:
         "diverged": json.dumps(learned.diverged)})
     store.set_phase(job_id, "downstream")
     return [c for c in cells(spec) if c.method not in learned.diverged]
-
-
-BASELINES = ("pt", "ft")  # the runs that never see the upstream phase: one job's may serve the next
 
 
 def cell_inputs(store, owner: str, spec: JobSpec, cell: Cell) -> str:

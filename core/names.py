@@ -5,4 +5,5 @@ loading it (DESIGN.md: the API never imports torch). The registries that impleme
 ALGORITHM_NAMES = ("maml", "fomaml", "reptile", "mtl", "metapt", "ppt")
 INIT_NAMES = ("vocab", "task_name", "random", "text", "file")
 OPTIMIZERS = ("adafactor", "adamw")
+BASELINES = ("pt", "ft")  # the methods that never see the upstream phase: prompt tuning and fine-tuning
 MAX_PROMPT_TOKENS = 512

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from core import names
 from core.experiment import Checkpoints, NoCheckpoints, Progress, Results, run
 from core.spec import JobSpec, SpecError, parse_spec
 
@@ -30,7 +31,7 @@ class _Prefixed:
 
 # The PT and FT baselines never see the upstream phase: a sweep over an upstream field runs
 # them once, in the first variant, and the others load them from the checkpoints.
-BASELINES = ("downstream/pt/", "downstream/ft/")
+BASELINES = tuple(f"downstream/{m}/" for m in names.BASELINES)
 
 
 def variants(spec: JobSpec) -> list[tuple[object, JobSpec]]:
