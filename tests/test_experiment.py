@@ -336,7 +336,8 @@ def test_a_rerun_with_a_changed_spec_redoes_only_what_the_change_touches(spec_fi
     result = runner.invoke(app, ["run", str(path), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert trained == ["fomaml"] and tuned == ["color", "greet"]  # fomaml's start, then its runs on each target
-    said = re.findall(r"([\w/]+): its checkpoint was made from other inputs", result.output)  # tqdm may add escapes
+    said = re.findall(r"((?:up|down)stream/[\w/]+): its checkpoint was made from other inputs",
+                      result.output)  # a line may begin with tqdm's cursor-up escape, "\x1b[A"
     assert said == ["upstream/fomaml", "downstream/fomaml/color", "downstream/fomaml/greet"]
     scores = lambda tasks: {t: {m: [(r["seed"], r["lr"], r["best_dev"], r["best_step"], r["test"], r["curve"])  # noqa: E731
                                      for r in res["runs"]] for m, res in per.items()} for t, per in tasks.items()}
