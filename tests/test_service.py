@@ -156,8 +156,11 @@ def running_service(root, **env):
         with launched(env, root) as svc:
             yield svc
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        if os.environ.get("PRIMER_TEST_KEEP_DB"):  # to look into a failure: the jobs, events and checkpoints
+            print(f"kept the service's database {name}")
+        else:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
@@ -203,6 +206,9 @@ def test_a_job_runs_over_http_to_the_results_the_library_gets(service, done_job)
         del os.environ["PRIMER_BACKBONES"]
         settings.cache_clear()
     served = {(r["task"], r["method"]): r for r in results["tasks"]}
+    curves = {"served": [c["loss"] for c in service.store.load_checkpoint(job["id"], "upstream/maml")["curve"]],
+              "library": [c["loss"] for c in local.upstream["maml"].curve]}
+    assert curves["served"] == curves["library"], f"MAML's outer losses differ: {curves}"
     for method in ("pt", "maml"):
         assert served[("sms_spam", method)]["mean"] == pytest.approx(local.tasks["sms_spam"][method].mean, abs=1e-9)
     assert results["arg"]["maml"] == pytest.approx(local.arg()["maml"], abs=1e-6)
