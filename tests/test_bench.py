@@ -134,3 +134,26 @@ def test_a_timed_run_gives_each_side_its_own_rates_and_peak(tiny_dir, capsys):
     for impl in ("primer", "peft"):
         line = lines[("pt", impl)]
         assert line["steps_per_s"] > 0 and line["peak_mb"] is not None and len(line["seconds"]) == 2
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0])
+def test_every_api_client_sends_a_request_even_when_its_window_has_passed_before_the_load_starts(monkeypatch, rate):
+    """CI's smoke run once got no request at all: the window was set before a garbage collection
+    that took longer than it on a loaded machine, and the percentiles of nothing raised."""
+    import asyncio
+    import gc
+
+    import httpx
+
+    from bench import api
+
+    monkeypatch.setattr(gc, "collect", lambda: __import__("time").sleep(0.2))
+    sent = []
+
+    async def request(http, i):
+        sent.append(i)
+        return httpx.Response(200)
+
+    figure = asyncio.run(api.load("http://127.0.0.1:9", "s", clients=3, seconds=0.1, request=request, rate=rate))
+    assert figure["requests"] == len(sent) and {i // 1_000_000 for i in sent} == {0, 1, 2}
+    assert figure["errors"] == 0 and figure["p99_ms"] is not None
