@@ -77,10 +77,10 @@ class DirCheckpoints:
         tmp.replace(self._path(key))
 
 
-# How a meta-batch's episodes run (the same gradient up to rounding) and how often checkpoints
-# are written: changing them leaves every checkpoint valid (say, one episode at a time after
-# running out of memory).
-NOT_COMPUTED = ("batch_episodes", "parallel_episodes", "checkpoint_every")
+# How a meta-batch's episodes run (the same gradient up to rounding), how often checkpoints are
+# written and whether a finished one may come from an earlier job: changing them leaves every
+# checkpoint valid (say, one episode at a time after running out of memory).
+NOT_COMPUTED = ("batch_episodes", "parallel_episodes", "checkpoint_every", "reuse_starts")
 
 
 def inputs(spec: JobSpec, key: str) -> str:

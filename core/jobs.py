@@ -254,10 +254,15 @@ def start(store, job_id: str) -> list[Cell]:
     spec = parse_spec(job.spec)
     store.set_status(job_id, "running", phase="loading")
     store.add_event(job_id, f"job started: {len(cells(spec))} downstream runs")
+    if spec.upstream and spec.upstream.reuse_starts:
+        reuse_starts(store, job, spec)
     prep = prepared(store, job)
     if spec.upstream:
         store.set_phase(job_id, "upstream")
     learned = learn_inits(prep, UnitRouter(store, job_id), StoreCheckpoints(store, job_id))
+    for method in spec.upstream.methods if spec.upstream else []:  # each is finished now: a later job may reuse it
+        if stamp := upstream_inputs(store, job.owner, spec, method):
+            store.stamp_checkpoint(job_id, f"upstream/{method}", stamp)
     require_a_start(learned)
     for method, prompt in learned.prompts.items():
         store.save_prompt(job, f"init/{method}", prompt, backbone=spec.backbone, algorithm=method)
@@ -290,18 +295,59 @@ def start(store, job_id: str) -> list[Cell]:
     return [c for c in cells(spec) if c.method not in learned.diverged]
 
 
+def _upload(store, owner: str, task: str) -> str | None:
+    """An uploaded task's id (an upload never changes), None for a task pack."""
+    row = store.get_task(owner, task) if task not in packs.PACKS else None
+    return row.id if row else None
+
+
+def _served(spec: JobSpec, fields: dict) -> str:
+    """A digest of `fields` (core.experiment.depends_on's) with the backbone as this service
+    serves that name."""
+    from core.experiment import digest
+
+    fields["backbone"] = settings().backbone_allowlist().get(spec.backbone, spec.backbone)
+    return digest(fields)
+
+
 def cell_inputs(store, owner: str, spec: JobSpec, cell: Cell) -> str:
     """A digest of what a PT or FT cell computes from: the spec fields core.experiment.inputs
-    names for its task (but the grid: the cell is one seed and one lr), the backbone as this
-    service serves that name, and an uploaded task by its id (an upload never changes)."""
-    from core.experiment import depends_on, digest
+    names for its task (but the grid: the cell is one seed and one lr), the backbone as served
+    and an uploaded task by its id."""
+    from core.experiment import depends_on
 
     fields = depends_on(spec, f"downstream/{cell.method}/{cell.task}")
     fields["downstream"] = {k: v for k, v in fields["downstream"].items() if k not in ("seeds", "lrs", "ft_lrs")}
-    fields["backbone"] = settings().backbone_allowlist().get(spec.backbone, spec.backbone)
-    upload = store.get_task(owner, cell.task) if cell.task not in packs.PACKS else None
-    fields["upload"] = upload.id if upload else None
-    return digest(fields)
+    fields["upload"] = _upload(store, owner, cell.task)
+    return _served(spec, fields)
+
+
+def upstream_inputs(store, owner: str, spec: JobSpec, method: str) -> str | None:
+    """A digest of what an upstream method's meta-training computes from: the spec fields
+    core.experiment.inputs names for it, the backbone as served and each uploaded source by its
+    id; None for a method that also depends on the targets (chosen sources, MetaPT's pooled data)."""
+    from core.experiment import POOLED, depends_on
+
+    if method in POOLED or isinstance(spec.upstream.sources, SourceSelection):
+        return None
+    fields = depends_on(spec, f"upstream/{method}")
+    fields["uploads"] = [_upload(store, owner, ref.name) for ref in spec.upstream.source_refs]
+    return _served(spec, fields)
+
+
+def reuse_starts(store, job, spec: JobSpec) -> None:
+    """upstream.reuse_starts: each method's finished meta-training that one of the owner's earlier
+    jobs did from the same inputs becomes this job's, so learn_inits takes it untrained."""
+    for method in spec.upstream.methods:
+        key, stamp = f"upstream/{method}", upstream_inputs(store, job.owner, spec, method)
+        if stamp is None or store.load_checkpoint(job.id, key) is not None:  # not reusable, or begun here
+            continue
+        if (earlier := store.find_checkpoint(job.owner, key, stamp)) is None:
+            continue
+        origin = earlier[1].get("reused_from") or earlier[0]
+        store.save_checkpoint(job.id, key, {**earlier[1], "reused_from": origin})
+        store.stamp_checkpoint(job.id, key, stamp)
+        store.add_event(job.id, f"{key} reused from {origin}, whose meta-training had the same inputs")
 
 
 def run_cell(store, job_id: str, cell: Cell) -> None:

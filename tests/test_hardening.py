@@ -251,6 +251,68 @@ def test_a_job_asking_to_reuse_baselines_takes_the_owners_earlier_runs_with_the_
         settings.cache_clear()
 
 
+def test_a_job_asking_to_reuse_starts_takes_the_owners_earlier_meta_training_with_the_same_inputs(
+        store, spec_fields, tiny_dir, monkeypatch):
+    """Only the same owner's, only where every input of the meta-training matches (the backbone,
+    the sources, the split seeds, the prompt, each upstream setting the method reads); a reused
+    start is the earlier one to the bit, and one that diverged is left out again without running."""
+    import torch
+
+    import core.experiment as experiment
+    from core.settings import settings
+    from tests.test_experiment import changed, diverging_at
+
+    monkeypatch.setenv("PRIMER_BACKBONES", f"tiny={tiny_dir['causal']}")
+    settings.cache_clear()
+    monkeypatch.setattr(jobs, "lease_lost", threading.Event())
+    diverging_at(monkeypatch, {"fomaml"})  # in the first job only: its second outer step overall
+    trained, train = [], experiment.meta_train
+    monkeypatch.setattr(experiment, "meta_train", lambda model, sources, init, cfg, *a, **k: trained.append(
+        cfg.algorithm) or train(model, sources, init, cfg, *a, **k))
+    fields = {**spec_fields, "backbone": "tiny", "targets": spec_fields["targets"][:1],
+              "upstream": {**spec_fields["upstream"], "methods": ["maml", "fomaml"]},
+              "downstream": {**spec_fields["downstream"], "seeds": [100]}}
+    alice, bob = (store.create_key(who)[0].id for who in ("alice", "bob"))
+
+    def inits(job_id):
+        return {p.name: store.prompt_tensor(p) for p in store.list_prompts(job_id=job_id) if p.name.startswith("init/")}
+
+    def reused(job_id):
+        return {e.message for e in store.events(job_id) if " reused from " in e.message}
+
+    try:
+        first = run_job(store, alice, fields)
+        assert trained == ["maml", "fomaml"] and set(inits(first)) == {"init/pt", "init/maml"}  # fomaml diverged
+
+        trained.clear()  # FoMAML's own inner lr, another downstream lr, and asking for reuse
+        again = changed(changed(fields, "upstream.per_method", {"fomaml": {"inner_lr": 0.2}}), "downstream.lrs", [0.1])
+        second = run_job(store, alice, changed(again, "upstream.reuse_starts", True))
+        assert trained == ["fomaml"] and torch.equal(inits(second)["init/maml"], inits(first)["init/maml"])
+        assert store.load_checkpoint(second, "upstream/maml")["curve"] == store.load_checkpoint(first, "upstream/maml")["curve"]
+        assert reused(second) == {f"upstream/maml reused from {first}, whose meta-training had the same inputs"}
+
+        trained.clear()  # the first job's inputs again: both taken, and FoMAML is left out as it was there
+        third = run_job(store, alice, changed(fields, "upstream.reuse_starts", True))
+        assert trained == [] and reused(third) == {
+            f"upstream/{m} reused from {first}, whose meta-training had the same inputs" for m in ("maml", "fomaml")}
+        assert set(inits(third)) == {"init/pt", "init/maml"}
+        assert {m.method: m.diverged for m in store.results(third)[1]}["fomaml"].startswith(
+            "upstream fomaml diverged at outer step 2: ")
+
+        for owner, spec in ((alice, changed(fields, "upstream.seeds", [100])),  # the source splits
+                            (alice, changed(fields, "prompt.seed", 7)),  # the start and the episodes' order
+                            (alice, changed(fields, "upstream.sources", spec_fields["upstream"]["sources"][:2])),
+                            (bob, fields)):  # another owner's starts are never taken
+            trained.clear()
+            run_job(store, owner, changed(spec, "upstream.reuse_starts", True))
+            assert trained == ["maml", "fomaml"]
+        trained.clear()
+        run_job(store, alice, fields)  # not asked: every method is trained
+        assert trained == ["maml", "fomaml"]
+    finally:
+        settings.cache_clear()
+
+
 @pytest.mark.parametrize("error,code", [
     (UserError("prompt has width 64 but backbone tiny embeds tokens in 32 dimensions"), "invalid_input"),
     (TaskError("tiny_sentiment_2_13_train.tsv, line 2: no tab"), "invalid_task"),

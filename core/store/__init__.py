@@ -551,6 +551,22 @@ class Store:
             row = s.get(Checkpoint, (job_id, key))
         return None if row is None else torch.load(io.BytesIO(row.data), weights_only=True)
 
+    def stamp_checkpoint(self, job_id: str, key: str, inputs: str) -> None:
+        """Record what a finished checkpoint computed from, for later jobs to find (find_checkpoint)."""
+        with self.session.begin() as s:
+            s.execute(update(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.key == key).values(inputs=inputs))
+
+    def find_checkpoint(self, owner: str, key: str, inputs: str) -> tuple[str, dict] | None:
+        """The owner's earliest checkpoint under `key` stamped with the same `inputs`, in any job:
+        (that job's id, the state)."""
+        import torch
+
+        with self.session() as s:
+            row = s.scalar(select(Checkpoint).join(Job, Job.id == Checkpoint.job_id).where(
+                Job.owner == owner, Checkpoint.key == key, Checkpoint.inputs == inputs)
+                .order_by(Checkpoint.updated_at, Checkpoint.job_id).limit(1))
+        return None if row is None else (row.job_id, torch.load(io.BytesIO(row.data), weights_only=True))
+
     def save_artifact(self, job_id: str, name: str, content_type: str, data: bytes) -> None:
         with self.session.begin() as s:
             s.merge(Artifact(job_id=job_id, name=name, content_type=content_type, data=data))

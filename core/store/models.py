@@ -204,6 +204,9 @@ class Checkpoint(Base):
     key: Mapped[str] = mapped_column(String(400), primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    # A finished upstream method's: a digest of what it computed from (core.jobs.upstream_inputs),
+    # so that a later job of the same owner asking for upstream.reuse_starts can take it
+    inputs: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
 
 
 class Artifact(Base):
