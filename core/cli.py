@@ -43,11 +43,7 @@ def checkpoints_for(out: Path, job, fresh: bool):
     import json
     import shutil
 
-    from core.experiment import NOT_COMPUTED, DirCheckpoints
-
-    def computed(spec: dict) -> dict:
-        up = spec.get("upstream")
-        return {**spec, "upstream": {k: v for k, v in up.items() if k not in NOT_COMPUTED} if up else up}
+    from core.experiment import DirCheckpoints, computed
 
     directory, spec = out / "checkpoints", json.dumps(job.model_dump(), sort_keys=True)
     if fresh and directory.exists():

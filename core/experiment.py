@@ -83,6 +83,12 @@ class DirCheckpoints:
 NOT_COMPUTED = ("batch_episodes", "parallel_episodes", "checkpoint_every", "reuse_starts")
 
 
+def computed(d: dict) -> dict:
+    """A spec's fields (as model_dump gives them) less the NOT_COMPUTED ones."""
+    up = d.get("upstream")
+    return {**d, "upstream": {k: v for k, v in up.items() if k not in NOT_COMPUTED} if up else up}
+
+
 def inputs(spec: JobSpec, key: str) -> str:
     """A digest of the spec fields that the work checkpointed under `key` can depend on. A rerun
     whose spec changed only elsewhere (another method's learning rate, one more target or
@@ -93,11 +99,9 @@ def inputs(spec: JobSpec, key: str) -> str:
 def depends_on(spec: JobSpec, key: str) -> dict:
     """The spec fields the work under `key` can depend on. Where a dependence is not plain
     (source selection, MetaPT's pooled methods, similarity prompts) that is the whole spec."""
-    d = spec.model_dump(mode="json", exclude={"name", "sweep"})
+    d = computed(spec.model_dump(mode="json", exclude={"name", "sweep"}))
     d["downstream"].pop("reuse_baselines")  # where a baseline's runs come from, not what they compute
     up = d["upstream"]
-    for k in NOT_COMPUTED if up else ():
-        up.pop(k)
     kind, method, *task = key.split("/")
     if kind not in ("upstream", "downstream"):
         return d
