@@ -13,6 +13,31 @@ def test_a_local_directory_loads_frozen_with_its_kind(tiny_dir):
         assert b.dim == 32
 
 
+def test_loading_a_backbone_first_runs_every_vml_operator_once_on_the_loading_thread(tiny_dir, monkeypatch):
+    """MKL 2024.2 picks a VML function's kernel on its first call, and first calls made at once
+    from two threads can run one of them on the low-accuracy kernel (pytorch/pytorch#188792).
+    Without this, a fresh worker's first cos, sin and exp ran in MAML's two episode threads at
+    once (the rotary embeddings of their first forwards; seen with gdb on vmsCos/vmsSin)."""
+    import sys
+    import threading
+
+    import torch
+
+    module = sys.modules["core.backbones.load"]  # the package's `load` is the function
+    calls = []
+    for op in module.VML_OPS:
+        monkeypatch.setattr(torch, op, lambda x, _f=getattr(torch, op), _op=op: calls.append(
+            (_op, x.dtype, threading.current_thread())) or _f(x))
+    module.warm_vml.cache_clear()
+    load(str(tiny_dir["causal"]))
+    assert sorted((op, str(dtype)) for op, dtype, _ in calls) == sorted(
+        (op, str(dtype)) for op in module.VML_OPS for dtype in (torch.float32, torch.float64))
+    assert {thread for *_, thread in calls} == {threading.current_thread()}
+    calls.clear()
+    load(str(tiny_dir["causal"]))  # once per process
+    assert calls == []
+
+
 def test_a_kept_backbone_is_handed_out_again_until_its_arguments_or_files_change(tmp_path):
     import torch
 

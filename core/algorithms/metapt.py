@@ -65,6 +65,10 @@ def embedder():
     if _model is None:
         from sentence_transformers import SentenceTransformer
 
+        from core.backbones.load import warm_vml
+
+        warm_vml()  # before its first batch runs on both intra-op threads at once
+
         # local_files_only keeps the hub client off the network (checked: no connection or DNS
         # look-up is made). Not HF_HUB_OFFLINE=1: set here, that would turn the whole process
         # offline, and a worker may load a user's backbone from the hub after clustering.

@@ -3,6 +3,7 @@ GGUF file, or a hub model. `trust_remote_code` is never enabled: a backbone runs
 that ships with transformers."""
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,9 +120,35 @@ def load_kept(name: str, *, dtype: torch.dtype = torch.float32, device: str = "c
     return freeze(_kept[1])
 
 
+# The unary operators ATen hands to MKL's vector math library (VML) for contiguous float and double
+# tensors (libtorch_cpu's *_vml_cpu kernels that call vms*/vmd*): the rotary embeddings' cos and
+# sin in every forward, and the rest.
+VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin", "sqrt",
+           "tan", "tanh", "trunc")
+
+
+@functools.cache
+def warm_vml() -> None:
+    """Call every VML operator once, on this thread, before any two threads can first call it at
+    once. MKL 2024.2 (torch's wheels) picks each VML function's kernel on its first call, and
+    concurrent first calls can run one thread's share with the low-accuracy kernel (errors
+    ~1000 ulp; pytorch/pytorch#188792). Without this, a worker's first job made exactly such
+    first calls: MAML's two episode threads, each in its first forward (cos and sin of the
+    rotary embeddings, then exp). A 1e-4 error in one episode's first cos/sin moves its step-1
+    loss by -2.1e-3 on the service test's spec (scripts/vml_first_calls.py), as much as in the
+    rare served MAML run that differed from the same spec run in-process (-2.1e-3, in that
+    episode alone). Later calls get the same kernels as before, so results keep their bits."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for op in VML_OPS:
+            getattr(torch, op)(x)
+
+
 def freeze(backbone: Backbone) -> Backbone:
     """Frozen: no backbone weight takes a gradient; eval mode, so no dropout noise either; a
-    Llama-family MLP and RMSNorm keep less for MAML's second-order gradient (core/backbones/lean.py)."""
+    Llama-family MLP and RMSNorm keep less for MAML's second-order gradient (core/backbones/lean.py).
+    Before anything runs on it, this process's VML kernels are chosen on one thread (warm_vml)."""
+    warm_vml()
     use_lean(backbone.model)
     backbone.model.requires_grad_(False)
     backbone.model.eval()
