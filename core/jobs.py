@@ -254,14 +254,15 @@ def start(store, job_id: str) -> list[Cell]:
     spec = parse_spec(job.spec)
     store.set_status(job_id, "running", phase="loading")
     store.add_event(job_id, f"job started: {len(cells(spec))} downstream runs")
+    stamps = {m: upstream_inputs(store, job.owner, spec, m) for m in spec.upstream.methods} if spec.upstream else {}
     if spec.upstream and spec.upstream.reuse_starts:
-        reuse_starts(store, job, spec)
+        reuse_starts(store, job, stamps)
     prep = prepared(store, job)
     if spec.upstream:
         store.set_phase(job_id, "upstream")
     learned = learn_inits(prep, UnitRouter(store, job_id), StoreCheckpoints(store, job_id))
-    for method in spec.upstream.methods if spec.upstream else []:  # each is finished now: a later job may reuse it
-        if stamp := upstream_inputs(store, job.owner, spec, method):
+    for method, stamp in stamps.items():  # each is finished now: a later job may reuse it
+        if stamp:
             store.stamp_checkpoint(job_id, f"upstream/{method}", stamp)
     require_a_start(learned)
     for method, prompt in learned.prompts.items():
@@ -335,18 +336,18 @@ def upstream_inputs(store, owner: str, spec: JobSpec, method: str) -> str | None
     return _served(spec, fields)
 
 
-def reuse_starts(store, job, spec: JobSpec) -> None:
+def reuse_starts(store, job, stamps: dict[str, str | None]) -> None:
     """upstream.reuse_starts: each method's finished meta-training that one of the owner's earlier
-    jobs did from the same inputs becomes this job's, so learn_inits takes it untrained."""
-    for method in spec.upstream.methods:
-        key, stamp = f"upstream/{method}", upstream_inputs(store, job.owner, spec, method)
+    jobs did from the same inputs (`stamps`: upstream_inputs per method) becomes this job's, so
+    learn_inits takes it untrained."""
+    for method, stamp in stamps.items():
+        key = f"upstream/{method}"
         if stamp is None or store.load_checkpoint(job.id, key) is not None:  # not reusable, or begun here
             continue
         if (earlier := store.find_checkpoint(job.owner, key, stamp)) is None:
             continue
         origin = earlier[1].get("reused_from") or earlier[0]
         store.save_checkpoint(job.id, key, {**earlier[1], "reused_from": origin})
-        store.stamp_checkpoint(job.id, key, stamp)
         store.add_event(job.id, f"{key} reused from {origin}, whose meta-training had the same inputs")
 
 
