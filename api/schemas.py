@@ -79,7 +79,7 @@ class RunScore(BaseModel):
     metric: str
     best_step: int
     steps: int
-    reused_from: str | None = Field(None, description="the earlier job whose run this is (downstream.reuse_baselines)")
+    reused_from: str | None = Field(None, description="the earlier job whose run this is (downstream.reuse_baselines, upstream.reuse_starts)")
 
 
 class Results(BaseModel):

@@ -311,15 +311,18 @@ def _served(spec: JobSpec, fields: dict) -> str:
     return digest(fields)
 
 
-def cell_inputs(store, owner: str, spec: JobSpec, cell: Cell) -> str:
-    """A digest of what a PT or FT cell computes from: the spec fields core.experiment.inputs
-    names for its task (but the grid: the cell is one seed and one lr), the backbone as served
-    and an uploaded task by its id."""
+def cell_inputs(store, owner: str, spec: JobSpec, cell: Cell, start: str | None = None) -> str:
+    """A digest of what a downstream cell computes from: the spec fields core.experiment.inputs
+    names for its task (but the grid: the cell is one seed and one lr), the backbone as served, an
+    uploaded task by its id and, for a meta-learned method, its start (`start`: the sha256 of
+    the stored init/<method> prompt)."""
     from core.experiment import depends_on
 
     fields = depends_on(spec, f"downstream/{cell.method}/{cell.task}")
     fields["downstream"] = {k: v for k, v in fields["downstream"].items() if k not in ("seeds", "lrs", "ft_lrs")}
     fields["upload"] = _upload(store, owner, cell.task)
+    if start is not None:
+        fields["start"] = start
     return _served(spec, fields)
 
 
@@ -352,9 +355,10 @@ def reuse_starts(store, job, stamps: dict[str, str | None]) -> None:
 
 
 def run_cell(store, job_id: str, cell: Cell) -> None:
-    """One downstream run; nothing to do if its score is stored already (a redelivery). A PT or
-    FT run the owner made before from the same inputs is taken as it is if the spec asks to
-    reuse_baselines."""
+    """One downstream run; nothing to do if its score is stored already (a redelivery). A run
+    the owner made before from the same inputs is taken as it is if the spec asks for it: a PT
+    or FT run with downstream.reuse_baselines, a meta-learned method's run (from a start with
+    the same bytes, as a reused start has) with upstream.reuse_starts."""
     from core.experiment import run_cell as train_cell
     from core.prompts import prompt_bytes
 
@@ -366,9 +370,11 @@ def run_cell(store, job_id: str, cell: Cell) -> None:
         store.progress(job_id, cell.unit, stored.steps, done=True)  # its worker may have died before saying so
         return
     spec = parse_spec(job.spec)
-    stamp = cell_inputs(store, job.owner, spec, cell) if cell.method in BASELINES else None
-    earlier = (store.find_score(job.owner, stamp, cell.method, cell.task, cell.seed, cell.lr)
-               if stamp and spec.downstream.reuse_baselines else None)
+    start = None if cell.method == "ft" else store.job_prompt(job_id, f"init/{cell.method}")
+    learned = cell.method not in BASELINES
+    stamp = cell_inputs(store, job.owner, spec, cell, start.sha256 if learned else None)
+    reuse = spec.upstream.reuse_starts if learned else spec.downstream.reuse_baselines
+    earlier = store.find_score(job.owner, stamp, cell.method, cell.task, cell.seed, cell.lr) if reuse else None
     if earlier is not None:  # before the backbone is loaded: a reused run costs no model at all
         store.save_score(job_id=job_id, **{c: getattr(earlier, c) for c in (
             "method", "task", "seed", "lr", "metric", "dev", "test", "best_step", "steps", "seconds", "curve",
@@ -378,10 +384,7 @@ def run_cell(store, job_id: str, cell: Cell) -> None:
         store.progress(job_id, cell.unit, earlier.steps, done=True)
         return
     prep = prepared(store, job)
-    init = None
-    if cell.method != "ft":
-        row = next(p for p in store.list_prompts(job_id=job_id) if p.name == f"init/{cell.method}")
-        init = store.prompt_tensor(row)
+    init = None if start is None else store.prompt_tensor(start)
     run = train_cell(prep, cell.method, cell.task, cell.seed, cell.lr, init, Reporter(store, job_id, cell.unit))
     store.save_score(job_id=job_id, method=cell.method, task=cell.task, seed=cell.seed, lr=cell.lr,
                      metric=prep.targets[cell.task].info.metric, dev=run.best_dev, test=run.test,

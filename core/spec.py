@@ -243,7 +243,8 @@ class UpstreamSpec(Strict):
     # The service: take each method's finished meta-training from one of the owner's earlier jobs
     # where it had the same inputs (backbone, sources, split seeds, prompt and every upstream
     # setting it reads) instead of running it again; the job's events name each one and where it
-    # came from. Not for methods that depend on the targets (chosen sources, metapt and ppt)
+    # came from; so is each downstream run made from such a start whose own inputs match. Not for
+    # methods that depend on the targets (chosen sources, metapt and ppt)
     reuse_starts: bool = False
     per_method: dict[str, MethodOptions] = Field(default_factory=dict)  # e.g. {reptile: {inner_steps: 3}}
     clustering: ClusteringSpec = Field(default_factory=ClusteringSpec)  # for the metapt and ppt methods

@@ -255,7 +255,8 @@ def test_a_job_asking_to_reuse_starts_takes_the_owners_earlier_meta_training_wit
         store, spec_fields, tiny_dir, monkeypatch):
     """Only the same owner's, only where every input of the meta-training matches (the backbone,
     the sources, the split seeds, the prompt, each upstream setting the method reads); a reused
-    start is the earlier one to the bit, and one that diverged is left out again without running."""
+    start is the earlier one to the bit, and one that diverged is left out again without running.
+    The downstream runs from a reused start are taken too where their own inputs match."""
     import torch
 
     import core.experiment as experiment
@@ -269,6 +270,9 @@ def test_a_job_asking_to_reuse_starts_takes_the_owners_earlier_meta_training_wit
     trained, train = [], experiment.meta_train
     monkeypatch.setattr(experiment, "meta_train", lambda model, sources, init, cfg, *a, **k: trained.append(
         cfg.algorithm) or train(model, sources, init, cfg, *a, **k))
+    tuned, tune = [], experiment.run_cell
+    monkeypatch.setattr(experiment, "run_cell", lambda prep, method, task, seed, lr, *a: tuned.append(
+        (method, lr)) or tune(prep, method, task, seed, lr, *a))
     fields = {**spec_fields, "backbone": "tiny", "targets": spec_fields["targets"][:1],
               "upstream": {**spec_fields["upstream"], "methods": ["maml", "fomaml"]},
               "downstream": {**spec_fields["downstream"], "seeds": [100]}}
@@ -280,35 +284,46 @@ def test_a_job_asking_to_reuse_starts_takes_the_owners_earlier_meta_training_wit
     def reused(job_id):
         return {e.message for e in store.events(job_id) if " reused from " in e.message}
 
+    def started(*methods):
+        return {f"upstream/{m} reused from {first}, whose meta-training had the same inputs" for m in methods}
+
     try:
         first = run_job(store, alice, fields)
         assert trained == ["maml", "fomaml"] and set(inits(first)) == {"init/pt", "init/maml"}  # fomaml diverged
 
-        trained.clear()  # FoMAML's own inner lr, another downstream lr, and asking for reuse
+        trained.clear(), tuned.clear()  # FoMAML's own inner lr, another downstream lr, and asking for reuse
         again = changed(changed(fields, "upstream.per_method", {"fomaml": {"inner_lr": 0.2}}), "downstream.lrs", [0.1])
         second = run_job(store, alice, changed(again, "upstream.reuse_starts", True))
         assert trained == ["fomaml"] and torch.equal(inits(second)["init/maml"], inits(first)["init/maml"])
         assert store.load_checkpoint(second, "upstream/maml")["curve"] == store.load_checkpoint(first, "upstream/maml")["curve"]
-        assert reused(second) == {f"upstream/maml reused from {first}, whose meta-training had the same inputs"}
+        assert reused(second) == started("maml")
+        assert sorted(tuned) == [("fomaml", 0.1), ("maml", 0.1), ("pt", 0.1)]  # no run at that lr before
 
-        trained.clear()  # the first job's inputs again: both taken, and FoMAML is left out as it was there
-        third = run_job(store, alice, changed(fields, "upstream.reuse_starts", True))
-        assert trained == [] and reused(third) == {
-            f"upstream/{m} reused from {first}, whose meta-training had the same inputs" for m in ("maml", "fomaml")}
+        trained.clear(), tuned.clear()  # the first job's inputs again: both starts taken, FoMAML left out as
+        third = run_job(store, alice, changed(fields, "upstream.reuse_starts", True))  # it was, MAML's run taken
+        assert trained == [] and tuned == [("pt", 0.05)] and reused(third) == started("maml", "fomaml") | {
+            f"downstream/maml/color/100/0.05 reused from {first}, whose run had the same inputs"}
         assert set(inits(third)) == {"init/pt", "init/maml"}
         assert {m.method: m.diverged for m in store.results(third)[1]}["fomaml"].startswith(
             "upstream fomaml diverged at outer step 2: ")
+        a, b = store.get_score(first, "maml", "color", 100, 0.05), store.get_score(third, "maml", "color", 100, 0.05)
+        assert (a.dev, a.test, a.curve, a.prompt, a.reused_from, b.reused_from) == (
+            b.dev, b.test, b.curve, b.prompt, None, first)
+
+        tuned.clear()  # the start is taken, but the run reads another max_steps: trained
+        fourth = run_job(store, alice, changed(changed(fields, "downstream.max_steps", 3), "upstream.reuse_starts", True))
+        assert sorted(tuned) == [("maml", 0.05), ("pt", 0.05)] and reused(fourth) == started("maml", "fomaml")
 
         for owner, spec in ((alice, changed(fields, "upstream.seeds", [100])),  # the source splits
                             (alice, changed(fields, "prompt.seed", 7)),  # the start and the episodes' order
                             (alice, changed(fields, "upstream.sources", spec_fields["upstream"]["sources"][:2])),
                             (bob, fields)):  # another owner's starts are never taken
-            trained.clear()
+            trained.clear(), tuned.clear()
             run_job(store, owner, changed(spec, "upstream.reuse_starts", True))
-            assert trained == ["maml", "fomaml"]
-        trained.clear()
-        run_job(store, alice, fields)  # not asked: every method is trained
-        assert trained == ["maml", "fomaml"]
+            assert trained == ["maml", "fomaml"] and sorted(tuned) == [("fomaml", 0.05), ("maml", 0.05), ("pt", 0.05)]
+        trained.clear(), tuned.clear()
+        run_job(store, alice, fields)  # not asked: every method and run is trained
+        assert trained == ["maml", "fomaml"] and sorted(tuned) == [("fomaml", 0.05), ("maml", 0.05), ("pt", 0.05)]
     finally:
         settings.cache_clear()
 

@@ -389,6 +389,11 @@ class Store:
             row = s.get(Prompt, prompt_id)
         return row if row is not None and (owner is None or row.owner == owner) else None
 
+    def job_prompt(self, job_id: str, name: str) -> Prompt | None:
+        """The job's prompt of that name (e.g. "init/maml")."""
+        with self.session() as s:
+            return s.scalar(select(Prompt).where(Prompt.job_id == job_id, Prompt.name == name))
+
     @staticmethod
     def verified(row: Prompt) -> bytes:
         """The prompt's bytes, after checking them against their stored sha256."""
