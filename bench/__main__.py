@@ -9,6 +9,7 @@ no figure's peak memory depends on what ran before it.
   python -m bench --dtype bf16            # both sides in bfloat16 (fast on CPUs with AVX512-BF16/AMX)
   python -m bench --dtype bf16 --reference-dtype fp32   # primer in bf16, the others as their authors run them
   python -m bench --parts meta --batch-episodes   # primer's meta-batch in one forward pass
+  python -m bench --own-prefix            # primer as before it ran a task's template once per pack
   python -m bench --parts api             # the service: requests/s and latency, queueing delay
   python -m bench --smoke --backbone DIR  # CI: every code path once at tiny size, nothing timed
 """
@@ -48,6 +49,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel-episodes", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="primer runs each meta-batch's episodes in parallel threads on a CPU (upstream.parallel_episodes): "
                         "auto (primer's default: for MAML only), on (alone: on) or off")
+    p.add_argument("--own-prefix", action="store_true",
+                   help="primer runs the tokens a batch's rows begin with (a task's template) in every row, "
+                        "not once (SoftPromptModel.SHARE_PREFIX off): primer as it was before it shared them")
     p.add_argument("--meta-steps", type=int, default=3, help="outer steps per repeat")
     p.add_argument("--pt-steps", type=int, default=10, help="prompt-tuning steps per repeat")
     p.add_argument("--eval-examples", type=int, default=128)
@@ -97,6 +101,7 @@ def setup(args):
     backbone = backbones.freeze(backbones.load(args.backbone, device=args.device, dtype=backbones.DTYPES[args.dtype]))
     model = SoftPromptModel(backbone, init_prompt(backbone, args.prompt_length, "vocab", seed=0),
                             max_input_tokens=args.max_input_tokens)
+    model.SHARE_PREFIX = not args.own_prefix
     theirs = args.reference_dtype or args.dtype
     other = None
     if theirs != args.dtype:  # a second copy of the backbone, the same prompt
@@ -135,7 +140,7 @@ def machine(args) -> dict:
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": args.device, "backbone": args.backbone, "dtype": args.dtype,
             "reference_dtype": args.reference_dtype or args.dtype, "batch_episodes": args.batch_episodes,
-            "parallel_episodes": PARALLEL[args.parallel_episodes]}
+            "parallel_episodes": PARALLEL[args.parallel_episodes], "share_prefix": not args.own_prefix}
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -111,13 +111,20 @@ LAYOUTS = {"packed, one pack": dict(PACK_TOKENS=10**6), "packed, a pack per row"
            "padded, prompt concatenated": dict(PACK=False, PROMPT_CACHE_ROWS=100)}
 
 
+# Inputs that all begin with the same words, as a task's template makes them (SHARE_PREFIX).
+TEMPLATE = "is the movie good ? answer positive or negative . message : "
+TEMPLATES = {"own words": "", "a shared template": TEMPLATE}
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_answer_only_head_on_a_batch_equals_the_full_forward(tiny_backbone, layout):
+def test_answer_only_head_on_a_batch_equals_the_full_forward(tiny_backbone, layout, template):
     model = SoftPromptModel(tiny_backbone, init_prompt(tiny_backbone, 3, "random"))
     for name, value in LAYOUTS[layout].items():
         setattr(model, name, value)
-    examples = [Example("the movie was good and the film was great", ("positive",)),
-                Example("awful", ("a bad movie",)), Example("what color is the sky ?", ("blue",))]
+    examples = [Example(TEMPLATES[template] + text, answer) for text, answer in (
+        ("the movie was good and the film was great", ("positive",)), ("awful", ("a bad movie",)),
+        ("what color is the sky ?", ("blue",)))]
     batch = model.encode([e.input for e in examples], [e.output for e in examples])
     assert batch.mask.sum(1).unique().numel() == 3  # three lengths: real padding in play
     together = model.answer_logprobs(batch)
@@ -147,15 +154,18 @@ def test_packs_are_few_even_and_hold_every_row_once():
     assert plan_packs([5], [0], 0, 1) == [[(0, [0])]]
 
 
+@pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("pack_tokens", [10**6, 20, 1])
-def test_groups_packed_together_give_each_group_its_own_loss(tiny_dir, pack_tokens):
+def test_groups_packed_together_give_each_group_its_own_loss(tiny_dir, pack_tokens, template):
     """Three groups under three prompts, packed (some packs holding several groups, some groups
     split across packs): each group's loss and gradient are those of the group alone, padded."""
     from core.backbones import load
 
     backbone = load(str(tiny_dir["causal"]), attn="sdpa")
     model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random"))
-    groups = [TRAIN[:3], TRAIN[3:] + [Example("what color is the sky ?", ("blue",))], TRAIN[1:2]]
+    own = TEMPLATES[template]
+    groups = [[Example(own + e.input, e.outputs) for e in g] for g in (
+        TRAIN[:3], TRAIN[3:] + [Example("what color is the sky ?", ("blue",))], TRAIN[1:2])]
     prompts = torch.stack([init_prompt(model.backbone, 3, "random", seed=i) for i in range(3)]).requires_grad_(True)
     model.PACK_TOKENS = pack_tokens
     packed = model.group_losses(groups, prompts)
@@ -166,6 +176,43 @@ def test_groups_packed_together_give_each_group_its_own_loss(tiny_dir, pack_toke
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(g_packed, g_alone, atol=1e-5, rtol=1e-4)
     assert g_alone[2].norm() > 0
+
+
+def test_rows_sharing_a_template_run_it_once_per_pack(tiny_dir):
+    """The tokens the rows of a group begin with run once per pack, and the loss and the
+    gradient are those of every row running its own: rows with other words after the template,
+    one that is the start of another, one without the template (as a row cut on the left to
+    max_input_tokens is), and the same input twice (all but its last token shared)."""
+    from core.backbones import load
+
+    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random"))
+    fed, run = [], model._run_packs
+    model._run_packs = lambda packs, *a, **k: fed.append(sum(len(s.tokens) for p in packs for s in p)) or run(packs, *a, **k)
+    template = len(model._tokens(TEMPLATE, False)) - 2  # less the cue, "\nAnswer:"
+    for texts, shared, sharing in (([TEMPLATE + "awful", TEMPLATE + "awful movie", "the film was good",
+                                     TEMPLATE + "the film was good"], template, 3),
+                                   ([TEMPLATE + "awful"] * 2, len(model._tokens(TEMPLATE + "awful", False)) - 1, 2)):
+        examples = [Example(t, (a,)) for t, a in zip(texts, ("negative", "positive", "positive", "negative"))]
+        results = []
+        for share in (True, False):
+            fed.clear()
+            model.SHARE_PREFIX = share
+            loss = model.loss(examples)
+            results.append((loss, *torch.autograd.grad(loss, model.prompt), fed[0]))
+        (loss, grad, n), (loss_own, grad_own, n_own) = results
+        torch.testing.assert_close(loss, loss_own, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, grad_own, atol=1e-5, rtol=1e-4)
+        assert n == n_own - (sharing - 1) * shared and shared > 0
+    # Rank classification: the inputs' shared prefix goes into the prompt's KV cache, fed once.
+    inputs, scores = [TEMPLATE + "awful", TEMPLATE + "the film was good", "hello"], []
+    for share in (True, False):
+        fed.clear()
+        model.SHARE_PREFIX = share
+        with torch.no_grad():
+            scores.append((torch.cat(model.option_logliks(inputs, [("positive", "negative")] * 3)), fed[0]))
+    torch.testing.assert_close(scores[0][0], scores[1][0], atol=1e-5, rtol=1e-5)
+    assert scores[0][1] == scores[1][1] - 2 * template
 
 
 def test_packing_without_a_prompt_fine_tuning(tiny_dir):
@@ -228,9 +275,10 @@ OPTION_LAYOUTS = {"packed, one pack": dict(PACK_TOKENS=10**6), "packed, an input
                   "input cache, prompt concatenated": dict(PACK=False, PROMPT_CACHE_ROWS=100)}
 
 
+@pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("prompt_length", [3, 0], ids=["prompt", "no prompt"])
 @pytest.mark.parametrize("layout", OPTION_LAYOUTS)
-def test_option_scores_equal_each_option_through_the_plain_forward(tiny_dir, layout, prompt_length):
+def test_option_scores_equal_each_option_through_the_plain_forward(tiny_dir, layout, prompt_length, template):
     from core.backbones import load
 
     backbone = load(str(tiny_dir["causal"]), attn="sdpa")
@@ -238,7 +286,8 @@ def test_option_scores_equal_each_option_through_the_plain_forward(tiny_dir, lay
     model = SoftPromptModel(backbone, init, allow_empty=True)
     for name, value in OPTION_LAYOUTS[layout].items():
         setattr(model, name, value)
-    inputs = ["the movie was good and great", "awful", "what color is the sky ?", "hello"]
+    # the last one without the template, as an input cut on the left to max_input_tokens would be
+    inputs = [TEMPLATES[template] + t for t in ("the movie was good and great", "awful", "what color is the sky ?")] + ["hello"]
     options = [("positive", "negative"), ("a bad movie", "great", "the film"), ("blue",), ("friend", "you see")]
     with torch.no_grad():
         scored = model.option_logliks(inputs, options)

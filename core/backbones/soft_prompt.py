@@ -7,12 +7,15 @@ of a batch, without functionalizing the backbone.
 Layout of one causal sequence (right-padded):  [P prompt vectors][input tokens][answer tokens][pad]
 Hidden state t predicts token t+1, so the answer is read off the positions just before it, and
 the LM head runs only there: a 49k-word head over every input position would dominate the cost.
-Losses pack the rows of a batch end to end instead of padding them (`_packed_hidden`).
+Losses pack the rows of a batch end to end instead of padding them (`_packed_hidden`), and
+run the tokens their rows begin with (a task's template) once per pack (SHARE_PREFIX).
 Seq2seq models take [P][input] in the encoder and the answer in the decoder.
 """
 from __future__ import annotations
 
+import os
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +51,7 @@ class Segment:
     prompt: int = -1  # >= 0: this segment is prompt number `prompt`, its P vectors, and has no tokens
     start: int = 0  # the position of its first token, as if it ran alone
     sees: tuple[int, ...] = ()  # the earlier segments of its pack it attends to, besides itself
+    cache: int | None = None  # how many leading positions of the packs' shared KV cache it sees (None: all)
 
 
 def check_prompt_length(n: int) -> int:
@@ -56,19 +60,22 @@ def check_prompt_length(n: int) -> int:
     return n
 
 
-def plan_packs(sizes: list[int], owner: list[int], prompt: int, cap: int) -> list[list[tuple[int, list[int]]]]:
-    """Which rows go into which pack: row r has sizes[r] tokens and needs the prompt of group
-    owner[r] (`prompt` tokens) in its pack. As few packs as `cap` tokens each allow, filled
-    evenly (the longest rows first, each into the pack it leaves shortest, a group's prompt
-    counted where the pack does not have it yet), since every pack is padded to the longest.
-    Returns each pack as [(group, [rows])], groups and rows in first-seen order."""
+def plan_packs(sizes: list[int], owner: list[int], prompt: int | dict[int, int],
+               cap: int) -> list[list[tuple[int, list[int]]]]:
+    """Which rows go into which pack: row r has sizes[r] tokens and needs the head of group
+    owner[r] (its prompt and shared prefix: `prompt` tokens, or prompt[g] for group g) in its
+    pack. As few packs as `cap` tokens each allow, filled evenly (the longest rows first, each
+    into the pack it leaves shortest, a group's head counted where the pack does not have it
+    yet), since every pack is padded to the longest. Returns each pack as [(group, [rows])],
+    groups and rows in first-seen order."""
     order = {g: i for i, g in enumerate(dict.fromkeys(owner))}
-    total = sum(sizes) + prompt * len(order)
+    head = prompt if isinstance(prompt, dict) else dict.fromkeys(order, prompt)
+    total = sum(sizes) + sum(head[g] for g in order)
     n_packs = max(1, min(len(sizes), -(-total // cap)))
     lengths, members = [0] * n_packs, [dict() for _ in range(n_packs)]
     for r in sorted(range(len(sizes)), key=lambda r: -sizes[r]):
         g = owner[r]
-        cost = [lengths[k] + sizes[r] + (0 if g in members[k] else prompt) for k in range(n_packs)]
+        cost = [lengths[k] + sizes[r] + (0 if g in members[k] else head[g]) for k in range(n_packs)]
         k = min(range(n_packs), key=cost.__getitem__)
         lengths[k] = cost[k]
         members[k].setdefault(g, []).append(r)
@@ -199,6 +206,22 @@ class SoftPromptModel(nn.Module):
     # docs/performance.md).
     PACK_TOKENS = 256
     PACK = True  # False: pad the rows instead (for comparison)
+    # Rows that begin with the same tokens (a task's template, "Is this SMS message spam or ham?
+    # Message:") run them once: a loss's rows under one prompt, once per pack, as a segment after
+    # the prompt that each of them sees; rank classification's inputs, once per batch, in the
+    # prompt's KV cache. False: every row runs its own (for comparison).
+    SHARE_PREFIX = True
+
+    def _template(self, seqs: list[list[int]], keep: list[int]) -> tuple[set[int], int]:
+        """The rows of `seqs` that share their first tokens, and how many (at most any of their
+        `keep`): those that begin with the most common first token, as a task's template makes
+        them (an input cut on the left to max_input_tokens does not). (set(), 0) if under two."""
+        firsts = Counter(x[0] for x in seqs if x).most_common(1)
+        rows = [i for i, x in enumerate(seqs) if firsts and x and x[0] == firsts[0][0]]
+        if not self.SHARE_PREFIX or len(rows) < 2:
+            return set(), 0
+        n = min(len(os.path.commonprefix([seqs[i] for i in rows])), *(keep[i] for i in rows))
+        return (set(rows), n) if n else (set(), 0)
 
     def _run_packs(self, packs: list[list[Segment]], prompts: torch.Tensor | None,
                    cached: torch.Tensor | None = None) -> tuple[torch.Tensor, list[list[int]]]:
@@ -213,11 +236,14 @@ class SoftPromptModel(nn.Module):
         M = max(map(len, packs)) + 1  # segment ids 1..M-1 in a pack; 0: padding
         sees = torch.zeros(len(packs), M, M, dtype=torch.bool)
         sees[:, 0, 1] = True  # a padding query attends to the first segment: a row of its softmax is not all masked
+        C = 0 if cached is None else cached.shape[0]
+        seen = torch.full((len(packs), M), C, dtype=torch.long)  # how much of the cache each segment sees
         for k, pack in enumerate(packs):
             for x in (ids, pos, seg, src, starts):
                 x.append([])
             for j, s in enumerate(pack):
                 n = P if s.prompt >= 0 else len(s.tokens)
+                seen[k, j + 1] = C if s.cache is None else s.cache
                 starts[k].append(len(ids[k]))
                 ids[k] += [0] * n if s.prompt >= 0 else s.tokens
                 pos[k] += range(s.start, s.start + n)
@@ -234,9 +260,10 @@ class SoftPromptModel(nn.Module):
             flat = torch.cat([prompts.new_zeros(1, prompts.shape[2]), prompts.reshape(-1, prompts.shape[2])])
             tokens = torch.where((src_t > 0)[..., None], flat.to(tokens.dtype)[src_t], tokens)
         cache = None
-        if cached is not None and cached.shape[0]:
+        if C:
             cache = self._prompt_cache(cached, len(packs))  # one copy per pack, not per row
-            allowed = torch.cat([allowed.new_ones(len(packs), S, cached.shape[0]), allowed], dim=2)
+            sees_cache = torch.arange(C, device=dev) < seen.to(dev)[b[:, :, 0], seg_t][..., None]
+            allowed = torch.cat([sees_cache, allowed], dim=2)
         mask = torch.zeros(allowed.shape, dtype=tokens.dtype, device=dev).masked_fill(~allowed, torch.finfo(tokens.dtype).min)
         out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=mask[:, None], position_ids=pos_t,
                                              cache=cache, use_cache=False).last_hidden_state
@@ -250,24 +277,47 @@ class SoftPromptModel(nn.Module):
         group b][row]..., each row attending to its group's prompt and to itself only (a block
         mask), its positions counted from its prompt as if it ran alone. So each pack runs its
         group's prompt once however many rows share it, as if its keys and values were cached,
-        in the same forward. Each row's last answer token (EOS) predicts nothing and is not fed."""
+        in the same forward. The tokens a group's rows begin with (its task's template;
+        SHARE_PREFIX) run once per pack too, right after the group's prompt, and those rows go
+        on from there. Each row's last answer token (EOS) predicts nothing and is not fed."""
         P = prompts.shape[1]
         answered = set(batch.answer_rows.tolist())
         sizes = [n - (r in answered) for r, n in enumerate(batch.mask.sum(1).tolist())]
+        ids = [batch.ids[r, :n].tolist() for r, n in enumerate(sizes)]
+        keep = [n - 1 for n in sizes]  # a row keeps its first answer's predictor out of the shared prefix
+        for r, at in zip(batch.answer_rows.tolist(), batch.answer_pos.tolist()):
+            keep[r] = min(keep[r], at)
+        rows_of: dict[int, list[int]] = {}
+        for r, g in enumerate(owner):
+            rows_of.setdefault(g, []).append(r)
+        common, shared = {}, [0] * len(sizes)  # each group's shared prefix; each row's share of it
+        for g, rows in rows_of.items():
+            sharing, n = self._template([ids[r] for r in rows], [keep[r] for r in rows])
+            common[g] = ids[rows[min(sharing)]][:n] if n else []
+            for i in sharing:
+                shared[rows[i]] = n
+        rest = [n - shared[r] for r, n in enumerate(sizes)]
         packs, where = [], [(0, 0)] * len(sizes)  # each row's (pack, segment)
-        for k, plan in enumerate(plan_packs(sizes, owner, P, self.PACK_TOKENS)):
+        for k, plan in enumerate(plan_packs(rest, owner, {g: P + len(c) for g, c in common.items()}, self.PACK_TOKENS)):
             packs.append([])
             for g, rows in plan:
+                sees = ()
                 if P:
                     packs[k].append(Segment([], prompt=g))
-                sees = (len(packs[k]) - 1,) if P else ()  # the group's prompt
+                    sees += (len(packs[k]) - 1,)  # the group's prompt
+                prefix = ()  # the group's shared prefix, where a row of it here shares it
+                if any(shared[r] for r in rows):
+                    prefix = (len(packs[k]),)
+                    packs[k].append(Segment(common[g], start=P, sees=sees))
                 for r in rows:
                     where[r] = (k, len(packs[k]))
-                    packs[k].append(Segment(batch.ids[r, : sizes[r]].tolist(), start=P, sees=sees))
+                    n = shared[r]
+                    packs[k].append(Segment(ids[r][n:], start=P + n, sees=sees + prefix * bool(n)))
         out, starts = self._run_packs(packs, prompts if P else None)
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
-        k, first = t([k for k, _ in where]), t([starts[k][j] for k, j in where])
-        return out[k[batch.answer_rows], first[batch.answer_rows] + batch.answer_pos]
+        pack = t([k for k, _ in where])
+        first = t([starts[k][j] - shared[r] for r, (k, j) in enumerate(where)])  # where row r's token 0 would be
+        return out[pack[batch.answer_rows], first[batch.answer_rows] + batch.answer_pos]
 
     def _packable(self) -> bool:
         # A custom 4D mask is what sdpa and eager attention take as it is; flash-attention kernels do not.
@@ -369,9 +419,18 @@ class SoftPromptModel(nn.Module):
         by its options, each option attending to the prompt, its input and itself (a block mask)
         at the positions it would have right after its input. So an input runs once however
         many options it has, and nothing is copied per option. An option's first token is
-        predicted by its input's last state, shared by its options; its last (EOS) is not fed."""
+        predicted by its input's last state, shared by its options; its last (EOS) is not fed.
+        The tokens the inputs begin with (their task's template; SHARE_PREFIX) join the
+        prompt's KV cache, seen by the inputs that begin with them."""
         p = self.prompt if prompt is None else prompt
         xs = [self._tokens(t, False) for t in inputs]
+        sharing, n = self._template(xs, [len(x) - 1 for x in xs])
+        P = len(p)
+        if n:  # the shared prefix joins the prompt's KV cache, seen by the inputs that share it
+            common = self.backbone.embed(torch.tensor([xs[min(sharing)][:n]], device=self.backbone.device))[0]
+            p = torch.cat([p.to(common.dtype), common])
+        shared = [n * (i in sharing) for i in range(len(xs))]
+        xs = [x[m:] for x, m in zip(xs, shared)]
         ans = [[self._tokens(o, True) for o in opts] for opts in options]
         sizes = [len(x) + sum(len(a) - 1 for a in opts) for x, opts in zip(xs, ans)]
         packs, where = [], {}  # (input, -1 or option) -> (pack, segment)
@@ -380,11 +439,12 @@ class SoftPromptModel(nn.Module):
             for i in plan[0][1]:
                 mine = len(packs[k])  # the input's segment
                 where[i, -1] = (k, mine)
-                packs[k].append(Segment(xs[i], start=len(p)))
+                start, cache = P + shared[i], None if shared[i] else P
+                packs[k].append(Segment(xs[i], start=start, cache=cache))
                 for o, a in enumerate(ans[i]):
                     if len(a) > 1:
                         where[i, o] = (k, len(packs[k]))
-                        packs[k].append(Segment(a[:-1], start=len(p) + len(xs[i]), sees=(mine,)))
+                        packs[k].append(Segment(a[:-1], start=start + len(xs[i]), sees=(mine,), cache=cache))
         out, starts = self._run_packs(packs, None, cached=p)
         # Each predicting position once: the input's last token, then every option's fed tokens.
         pack, index = [], []  # per predicting position
