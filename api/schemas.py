@@ -19,7 +19,8 @@ def iso(dt: datetime | None) -> str | None:
 
 class JobError(BaseModel):
     code: str = Field(description="whose failure: invalid_task (a task's files or content), invalid_input (another "
-                                  "input of the job's), backbone_unavailable, worker_lost (its worker died on every "
+                                  "input of the job's), backbone_unavailable, data_unavailable (a pack's dataset could "
+                                  "not be fetched), worker_lost (its worker died on every "
                                   "attempt) or internal (primer's own; the worker's log holds the traceback)")
     message: str
 

@@ -184,14 +184,19 @@ def backbones_prepare(names: list[str] = typer.Argument(None, help="registered b
 
 @data_app.command("build")
 def data_build(names: list[str] = typer.Argument(None, help="pack tasks (default: all)")):
-    """Fetch pack datasets (checked by sha256) and write CrossFit-format k-shot splits."""
+    """Fetch pack datasets (checked by sha256) and write CrossFit-format k-shot splits. A pack
+    that cannot be built is reported and the others are built all the same."""
     from core.tasks import packs
 
+    failed = []
     for name in names or sorted(packs.PACKS):
         try:
             typer.echo(f"{name}: {packs.build(name)}")
         except user_errors() as e:
-            fail(str(e))
+            failed.append(name)
+            typer.echo(f"error: {name}: {e}", err=True)
+    if failed:
+        fail(f"not built: {', '.join(failed)} (the reasons are above)")
 
 
 # --- the service -------------------------------------------------------------------------------

