@@ -216,9 +216,9 @@ class SoftPromptModel(nn.Module):
         """The rows of `seqs` that share their first tokens, and how many (at most any of their
         `keep`): those that begin with the most common first token, as a task's template makes
         them (an input cut on the left to max_input_tokens does not). (set(), 0) if under two."""
-        firsts = Counter(x[0] for x in seqs if x).most_common(1)
+        firsts = Counter(x[0] for x in seqs if x).most_common(1) if self.SHARE_PREFIX else []
         rows = [i for i, x in enumerate(seqs) if firsts and x and x[0] == firsts[0][0]]
-        if not self.SHARE_PREFIX or len(rows) < 2:
+        if len(rows) < 2:
             return set(), 0
         n = min(len(os.path.commonprefix([seqs[i] for i in rows])), *(keep[i] for i in rows))
         return (set(rows), n) if n else (set(), 0)
