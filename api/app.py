@@ -751,7 +751,8 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
         return S.TaskList(
             tasks=[S.task_out(t) for t in store.list_tasks(owner(key))],
             packs=[S.PackOut(name=n, type=p.info.type, metric=p.info.metric,
-                             options=list(p.info.options) if p.info.options else None)
+                             options=list(p.info.options) if p.info.options else None,
+                             source=f"{p.dist.name}=={p.dist.version}", note=p.dist.gone)
                    for n, p in sorted(packs.PACKS.items())])
 
     return app

@@ -133,6 +133,9 @@ class PackOut(BaseModel):
     type: str
     metric: str
     options: list[str] | None
+    source: str = Field(description="the registry distribution its data comes from, name==version")
+    note: str | None = Field(None, description="set where that distribution can no longer be fetched: why, "
+                                               "and what to do instead")
 
 
 class TaskList(BaseModel):

