@@ -2,7 +2,9 @@
 episode (SmolLM2-135M fp32, prompt 20, input cap 64), counted by the function of primer or
 transformers that dispatched it (for the backward passes autograd runs, the algorithm's function
 that called autograd.grad), with the time each operator itself took (the dispatch mode's
-own Python is not in it); then the time by operator. After one untimed episode, so no first-call costs are in it.
+own Python is not in it); then the time by operator. After one untimed episode, so no first-call costs are in it,
+and five timed without the mode: their median less the operators' time is what the episode spends
+outside them (Python, the dispatcher, autograd's bookkeeping).
 
   .venv/bin/python scripts/op_sources.py [algorithm]
 """
@@ -54,6 +56,11 @@ def run():
 
 
 run()
+alone = []
+for _ in range(5):  # the episode's own time, without the mode
+    start = time.perf_counter()
+    run()
+    alone.append(time.perf_counter() - start)
 with Sources():
     run()
 
@@ -69,7 +76,9 @@ def by(part: int) -> tuple[collections.Counter, collections.Counter]:
 
 (count, seconds), (by_op, op_seconds) = by(0), by(1)
 total, total_s = sum(count.values()), sum(seconds.values())
-print(f"{algorithm}: {total:,} operators, {total_s * 1000:.0f} ms in them\n")
+episode_s = sorted(alone)[len(alone) // 2]
+print(f"{algorithm}: {total:,} operators, {total_s * 1000:.0f} ms in them; the episode takes {episode_s * 1000:.0f} ms "
+      f"without the mode (median of {len(alone)}), {max(0.0, episode_s - total_s) * 1000:.0f} ms outside its operators\n")
 print("| dispatched from | operators | ms | share of the time | most frequent |\n|---|---|---|---|---|")
 for where, n in count.most_common():
     top = [f"{op} {k}" for (w, op), k in calls.most_common() if w == where][:4]
