@@ -431,16 +431,20 @@ def create_app(store: Store | None = None, enqueue: Callable[[str, str], None] |
         except IdempotencyConflict as e:
             raise HTTPException(409, f"Idempotency-Key {idempotency_key!r} was already used for job {e.job_id} "
                                      "with another body; send a new key to submit another job") from None
+        warned = core_jobs.warnings(spec)
         if not created:
             response.headers["Idempotent-Replayed"] = "true"
-            return view(job)
+            return view(job).model_copy(update={"warnings": warned})
+        for w in warned:  # kept with the job, for whoever reads its events rather than this response
+            store.add_event(job.id, f"warning: {w}")
         try:
             enqueue(job.id, message_id)
         except Exception as e:  # recorded as sent: the workers' reconciler sends it again once the broker is back
             log.exception("could not enqueue job %s", job.id)
             store.add_event(job.id, f"the broker could not be reached ({type(e).__name__}); the job stays queued "
                                     "and is sent to the workers when the broker is back")
-        return view(job, (0, sum(units.values())))  # a new job has done no step: no need to ask the store
+        # a new job has done no step: no need to ask the store
+        return view(job, (0, sum(units.values()))).model_copy(update={"warnings": warned})
 
     @app.get("/jobs", response_model=S.JobList, tags=["jobs"])
     def list_jobs(key=Depends(auth), status: Literal[STATUSES] | None = None, cursor: str | None = None,

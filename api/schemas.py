@@ -39,6 +39,8 @@ class JobOut(BaseModel):
     started_at: str | None
     finished_at: str | None
     spec: dict
+    warnings: list[str] = Field([], description="on POST /jobs only: what was accepted but may fail, e.g. a pack "
+                                                "whose dataset is no longer served and is not in the service's cache")
 
 
 class JobList(BaseModel):

@@ -317,6 +317,8 @@ def submit(spec: Path = typer.Argument(..., help="job spec (YAML)"),
     try:
         job = client.submit(body, idempotency_key)
         typer.echo(f"job {job['id']}: {job['status']}")
+        for w in job.get("warnings", []):
+            typer.echo(f"warning: {w}", err=True)
         if not wait:
             return
         bar = tqdm(total=max(job["total"], 1), unit="step", dynamic_ncols=True, file=sys.stderr)

@@ -88,6 +88,17 @@ def check(body: dict, store, owner: str) -> JobSpec:
     return spec
 
 
+def warnings(spec: JobSpec) -> list[str]:
+    """What the service accepts but this host cannot fetch: packs whose dataset is no longer
+    served and is not in its cache (a worker with the file placed by hand still runs them)."""
+    seen, out = set(), []
+    for where, ref in _task_refs(spec):
+        if ref.path is None and ref.name not in seen and (why := packs.unfetchable(ref.name)):
+            seen.add(ref.name)
+            out.append(f"{'.'.join(map(str, where))}: {why}")
+    return out
+
+
 def cells(spec: JobSpec) -> list[Cell]:
     d = spec.downstream
     return [Cell(m, t.name, seed, lr) for t in spec.targets for m in spec.methods

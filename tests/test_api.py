@@ -483,6 +483,28 @@ def test_an_uploaded_jsonl_task_can_be_named_in_a_job(api, store):
     assert upload(api, [("reviews.jsonl", JSONL)], name="my_reviews", headers=api.bob).status_code == 201
 
 
+def test_a_job_naming_a_pack_that_cannot_be_fetched_here_is_accepted_with_a_warning(api, env, tmp_path):
+    env.setenv("PRIMER_CACHE_DIR", str(tmp_path / "cache"))  # nothing built, no archive
+    settings.cache_clear()
+    body = {**SPEC, "targets": ["sms_spam", "winowhy", "winowhy"]}
+    r = api.submit(body)
+    assert r.status_code == 202
+    job = r.json()
+    (warning,) = job["warnings"]  # the repeated name warned once, sms_spam (still served) not at all
+    assert warning.startswith("targets.1: pack task winowhy needs bigbench-1.0.0.tar.gz")
+    assert "PyPI no longer serves it" in warning and packs.BIGBENCH.sha256 in warning and "data_unavailable" in warning
+    events = api.client.get(f"/jobs/{job['id']}/events", headers=api.alice).json()["events"]
+    assert [e["message"] for e in events] == [f"warning: {warning}"]  # kept with the job
+    assert api.client.get(f"/jobs/{job['id']}", headers=api.alice).json()["warnings"] == []  # POST's own
+    replay = api.submit(body, headers={"Idempotency-Key": "k1"})
+    again = api.submit(body, headers={"Idempotency-Key": "k1"})
+    assert again.headers["Idempotent-Replayed"] == "true" and again.json()["warnings"] == replay.json()["warnings"]
+
+    (tmp_path / "cache" / "dists").mkdir(parents=True)  # a copy placed by hand: nothing to warn of
+    (tmp_path / "cache" / "dists" / packs.BIGBENCH.filename).write_bytes(b"checked when the worker builds it")
+    assert api.submit(body).json()["warnings"] == []
+
+
 def test_crossfit_and_bigbench_uploads(api):
     lines = b"the movie was good\tpositive\nthe film was bad\tnegative\n"
     files = [(f"tiny_sent_2_100_{s}.tsv", lines) for s in ("train", "dev", "test")]

@@ -186,6 +186,18 @@ def stand_in_bigbench(tmp_path, monkeypatch):
     settings.cache_clear()
 
 
+def test_a_pack_whose_dataset_is_gone_is_unfetchable_until_its_archive_or_build_is_cached(stand_in_bigbench):
+    assert packs.unfetchable("sms_spam") is None and packs.unfetchable("no_such_pack") is None
+    assert packs.unfetchable("winowhy") is None  # the archive is in the cache
+    packs.build("winowhy")
+    archive = settings().cache_dir / "dists" / packs.BIGBENCH.filename
+    archive.unlink()
+    assert packs.unfetchable("winowhy") is None  # built before the archive went
+    why = packs.unfetchable("strategyqa")  # neither
+    assert why.startswith("pack task strategyqa needs bigbench-1.0.0.tar.gz (bigbench 1.0.0)")
+    assert "PyPI no longer serves it" in why and "PRIMER_CACHE_DIR" in why
+
+
 def test_bigbench_packs_are_built_from_the_sdists_task_json(stand_in_bigbench, tmp_path):
     for name in BIGBENCH_TASKS:
         pack, label = packs.PACKS[name], stand_in_bigbench[name]

