@@ -22,7 +22,7 @@ class JobError(BaseModel):
                                   "input of the job's), backbone_unavailable, data_unavailable (a pack's dataset could "
                                   "not be fetched), worker_lost (its worker died on every "
                                   "attempt) or internal (primer's own; the worker's log holds the traceback)")
-    message: str
+    message: str = Field(description="what went wrong; for internal, prefixed by the exception's type")
 
 
 class JobOut(BaseModel):

@@ -345,10 +345,10 @@ def test_primer_serve_needs_no_settings_and_primer_submit_follows_a_job(tmp_path
         gone = subprocess.run([sys.executable, "-m", "core.cli", "submit", str(tmp_path / "gone.yaml"), "--wait"],
                               env=env, capture_output=True, text=True, timeout=300)
         assert gone.returncode == 2 and "queued" in gone.stdout, gone.stdout + gone.stderr
+        job_id = gone.stdout.split()[1].rstrip(":")
         assert "warning: targets.0: pack task winowhy needs bigbench-1.0.0.tar.gz" in gone.stderr
-        assert "failed: FetchError: pack task winowhy: could not download" in gone.stderr, gone.stderr
-        assert Store(f"sqlite:///{cache / 'primer.db'}").get_job(gone.stdout.split()[1].rstrip(":")).error_code \
-            == "data_unavailable"
+        assert f"job {job_id} failed: pack task winowhy: could not download" in gone.stderr, gone.stderr
+        assert Store(f"sqlite:///{cache / 'primer.db'}").get_job(job_id).error_code == "data_unavailable"
         listed = subprocess.run([sys.executable, "-m", "core.cli", "jobs", "list"], env=env, capture_output=True,
                                 text=True, timeout=60)
         assert "succeeded" in listed.stdout and "embedded" in listed.stdout

@@ -33,7 +33,8 @@ def _fail(job_id: str, error: Exception, code: str | None = None) -> None:
                     "backbone_unavailable" if isinstance(error, BackboneError) else
                     "data_unavailable" if isinstance(error, FetchError) else
                     "invalid_input" if isinstance(error, UserError) else "internal")
-    message = f"{type(error).__name__}: {error}"
+    # the user's side reads the message alone; primer's own failures keep the exception's type
+    message = f"{type(error).__name__}: {error}" if code == "internal" else str(error)
     store().add_event(job_id, f"failed: {message}")
     store().set_status(job_id, "failed", phase="failed", error_code=code, error_message=message)
 
