@@ -157,7 +157,7 @@ def backbones_list():
     from core.backbones import REGISTRY
 
     for name, entry in REGISTRY.items():
-        typer.echo(f"{name:16s} {entry.description}  [{entry.dist.name}=={entry.dist.version}]")
+        typer.echo(f"{name:16s} {entry.description}  [{', '.join(f'{d.name}=={d.version}' for d, _ in entry.pieces())}]")
 
 
 @backbones_app.command("prepare")

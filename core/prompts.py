@@ -45,9 +45,12 @@ def init_task_name(backbone: Backbone, n: int, g: torch.Generator, task: str = "
 
 
 def init_random(backbone: Backbone, n: int, g: torch.Generator, **_) -> torch.Tensor:
-    # Scaled like the vocabulary so the backbone sees inputs of a familiar size.
-    std = backbone.model.get_input_embeddings().weight.float().std().item()
-    return torch.randn(n, backbone.dim, generator=g) * std
+    # Scaled like the vocabulary as the backbone sees it, so that its inputs have a familiar
+    # size: after the embedding module, which in Gemma multiplies the table by sqrt(d).
+    table = backbone.model.get_input_embeddings().weight
+    probe = torch.arange(min(256, table.shape[0]))
+    scale = _embed(backbone, probe).std() / table[probe].detach().float().cpu().std()
+    return torch.randn(n, backbone.dim, generator=g) * table.float().std().item() * scale.item()
 
 
 def init_text(backbone: Backbone, n: int, g: torch.Generator, text: str = "", **_) -> torch.Tensor:

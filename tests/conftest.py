@@ -5,12 +5,13 @@ from tests import tiny
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """Directories of a tiny random Llama ("causal") and T5 ("seq2seq") with their tokenizers."""
+    """Directories of a tiny random Llama ("causal"), T5 ("seq2seq") and Gemma 3 (a sliding-window
+    layer, then a global one) with their tokenizers."""
     root = tmp_path_factory.mktemp("tiny")
-    return {kind: tiny.save(kind, root / kind) for kind in ("causal", "seq2seq")}
+    return {kind: tiny.save(kind, root / kind) for kind in ("causal", "seq2seq", "gemma")}
 
 
-@pytest.fixture(params=["causal", "seq2seq"])
+@pytest.fixture(params=["causal", "seq2seq", "gemma"])
 def tiny_backbone(request, tiny_dir):
     from core.backbones import load
 

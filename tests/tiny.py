@@ -25,7 +25,8 @@ def tokenizer(kind: str):
 
 
 def save(kind: str, directory: Path, seed: int = 0) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, T5Config,
+                              T5ForConditionalGeneration)
 
     tok = tokenizer(kind)
     torch.manual_seed(seed)
@@ -35,6 +36,13 @@ def save(kind: str, directory: Path, seed: int = 0) -> Path:
                              pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=True,
                              initializer_range=0.5)  # big enough weights for confident outputs
         model = LlamaForCausalLM(config)
+    elif kind == "gemma":  # a sliding-window layer whose window (4 tokens) is shorter than most rows, then a global one
+        config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                                  query_pre_attn_scalar=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                  pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=True,
+                                  initializer_range=0.3)
+        model = Gemma3ForCausalLM(config)
     else:
         config = T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
                           pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0,

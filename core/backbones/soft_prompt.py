@@ -54,6 +54,15 @@ class Segment:
     cache: int | None = None  # how many leading positions of the packs' shared KV cache it sees (None: all)
 
 
+def _full_cache():
+    """A KV cache that keeps every position in every layer. The one a sliding-window model
+    makes for itself keeps only the last `window` positions in those layers, which a custom
+    mask over the whole cache (`SoftPromptModel._masks`) could not be laid over."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def check_prompt_length(n: int) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_PROMPT_TOKENS:
         raise UserError(f"prompt length must be an integer from 1 to {MAX_PROMPT_TOKENS}, got {n!r}")
@@ -184,7 +193,7 @@ class SoftPromptModel(nn.Module):
         if p.dim() == 3 or P == 0 or B < (self.PROMPT_CACHE_ROWS_BF16 if bf16 else self.PROMPT_CACHE_ROWS):
             embeds, mask, P = self._with_prompt(batch, prompt)
             out = base(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                       use_cache=use_cache)
+                       cache=_full_cache() if use_cache else None, use_cache=use_cache)
             return out, mask, P, P
         cache = self._prompt_cache(p, B)
         mask = torch.cat([batch.mask.new_ones(B, P), batch.mask], dim=1)
@@ -197,9 +206,45 @@ class SoftPromptModel(nn.Module):
         batch of `copies`: a causal prompt's keys and values do not depend on what follows it."""
         p = p[None].to(self.backbone.model.get_input_embeddings().weight.dtype)
         cache = self.backbone.model.base_model(inputs_embeds=p, position_ids=torch.arange(p.shape[1], device=p.device)[None],
-                                               use_cache=True).cache
+                                               cache=_full_cache(), use_cache=True).cache
         cache.batch_repeat_interleave(copies)
         return cache
+
+    def _window(self) -> int | None:
+        """The sliding window of the backbone's local-attention layers (Gemma 3: 512 tokens, in
+        5 of every 6 layers; Mistral: all of them), or None."""
+        config = self.backbone.model.config
+        return getattr(config, "sliding_window", None) if self.causal else None
+
+    def _masks(self, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype):
+        """The additive attention mask(s) for `allowed` ((B, Q, K), True: query sees key), given
+        each query's and key's position. A custom mask is taken as it is by every layer, so
+        where the backbone has sliding-window layers, those get their own, which also hides
+        every key `window` or more positions behind its query, as the model's own mask would:
+        a dict by layer type (Gemma 3), or the one mask (Mistral, every layer sliding)."""
+        def additive(a):
+            return torch.zeros(a.shape, dtype=dtype, device=a.device).masked_fill(~a, torch.finfo(dtype).min)[:, None]
+
+        W = self._window()
+        if not W:
+            return additive(allowed)
+        near = allowed & (q_pos[:, :, None] - k_pos[:, None, :] < W)
+        types = getattr(self.backbone.model.config, "layer_types", None)
+        if not types:
+            return additive(near)
+        return {t: additive(near if t == "sliding_attention" else allowed) for t in set(types)}
+
+    def _continuation_mask(self, keys: torch.Tensor, k_pos: torch.Tensor, q_pos: torch.Tensor):
+        """The attention mask of tokens continuing right-padded rows from a KV cache (option
+        scoring, greedy decoding): `keys` (B, K) marks the real keys, at positions `k_pos`;
+        the queries are at `q_pos` (B, Q). The 2D mask as it is, unless the backbone has
+        sliding-window layers: their own mask counts the window in columns, and a shorter row's
+        continuation sits past its padding, so it is built here from positions."""
+        attention = getattr(self.backbone.model.config, "_attn_implementation", None)
+        if not self._window() or attention not in ("sdpa", "eager"):
+            return keys
+        allowed = keys.bool()[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+        return self._masks(allowed, q_pos, k_pos, self.backbone.model.get_input_embeddings().weight.dtype)
 
     # The longest pack (in tokens) worth forming: a pack's attention, and its elementwise work,
     # grow with the square of its length. SmolLM2-135M on 2 CPU cores (scripts/packing.py;
@@ -264,9 +309,9 @@ class SoftPromptModel(nn.Module):
             cache = self._prompt_cache(cached, len(packs))  # one copy per pack, not per row
             sees_cache = torch.arange(C, device=dev) < seen.to(dev)[b[:, :, 0], seg_t][..., None]
             allowed = torch.cat([sees_cache, allowed], dim=2)
-        mask = torch.zeros(allowed.shape, dtype=tokens.dtype, device=dev).masked_fill(~allowed, torch.finfo(tokens.dtype).min)
-        out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=mask[:, None], position_ids=pos_t,
-                                             cache=cache, use_cache=False).last_hidden_state
+        keys = torch.cat([torch.arange(C, device=dev).expand(len(packs), C), pos_t], 1)
+        out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=self._masks(allowed, pos_t, keys, tokens.dtype),
+                                             position_ids=pos_t, cache=cache, use_cache=False).last_hidden_state
         return out, starts
 
     def _packed_hidden(self, batch: Batch, prompts: torch.Tensor, owner: list[int]) -> torch.Tensor:
@@ -490,10 +535,11 @@ class SoftPromptModel(nn.Module):
         # so the last answer token (EOS) is never fed: the continuation runs A - 1 tokens.
         predictors = last[:, None]
         if A > 1:
-            out = model.base_model(inputs_embeds=self.backbone.embed(ids[:, :-1]),
-                                   attention_mask=torch.cat([mask[idx], amask[:, :-1]], 1),
-                                   position_ids=lengths[idx, None] + torch.arange(A - 1, device=dev),
-                                   cache=cache, use_cache=False).last_hidden_state
+            q_pos = lengths[idx, None] + torch.arange(A - 1, device=dev)
+            k_pos = torch.cat([torch.arange(mask.shape[1], device=dev).expand(len(ans), -1), q_pos], 1)
+            attend = self._continuation_mask(torch.cat([mask[idx], amask[:, :-1]], 1), k_pos, q_pos)
+            out = model.base_model(inputs_embeds=self.backbone.embed(ids[:, :-1]), attention_mask=attend,
+                                   position_ids=q_pos, cache=cache, use_cache=False).last_hidden_state
             predictors = torch.cat([predictors, out], dim=1)
         predictors = predictors[amask.bool()]
         lp = torch.log_softmax(self._head(predictors).float(), -1).gather(1, ids[amask.bool()][:, None]).squeeze(1)
@@ -520,6 +566,7 @@ class SoftPromptModel(nn.Module):
         # goes at its own length; pads stay masked out, and positions count real tokens only.
         last, cache, mask, lengths = self._prefix(batch, prompt)
         last = self._head(last)
+        k_pos = torch.arange(mask.shape[1], device=mask.device).expand(len(inputs), -1)  # real keys: column = position
         done = torch.zeros(len(inputs), dtype=torch.bool, device=mask.device)
         generated: list[list[int]] = [[] for _ in inputs]
         for _ in range(self.max_answer_tokens):
@@ -533,8 +580,10 @@ class SoftPromptModel(nn.Module):
             if done.all():
                 break
             mask = torch.cat([mask, mask.new_ones(len(inputs), 1)], dim=1)
-            res = model.base_model(inputs_embeds=self.backbone.embed(nxt[:, None]), attention_mask=mask,
-                                   position_ids=lengths[:, None], cache=cache, use_cache=True)
+            k_pos = torch.cat([k_pos, lengths[:, None]], dim=1)
+            res = model.base_model(inputs_embeds=self.backbone.embed(nxt[:, None]), position_ids=lengths[:, None],
+                                   attention_mask=self._continuation_mask(mask, k_pos, lengths[:, None]),
+                                   cache=cache, use_cache=True)
             cache, lengths = res.cache, lengths + 1
             last = self._head(res.last_hidden_state[:, -1])
         return [tok.decode(g, skip_special_tokens=True).strip() for g in generated]
