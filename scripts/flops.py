@@ -2,7 +2,7 @@
 paper's loop (bench/reference.py)? torch.utils.flop_counter's formulas count every matrix
 multiply and attention call (attention through the math kernel), forward and backward (second
 order included), on the bench's first meta-batches (3 outer steps of 2 episodes, SmolLM2-135M
-fp32, prompt 20 or as given, input cap 64). This is the work each side must do: at equal speed
+or the backbone given, fp32, prompt 20 or as given, input cap 64). This is the work each side must do: at equal speed
 per operation, its ratio is the most either could gain. It also counts the operators each side
 dispatches (each one at least a kernel launch on a GPU, where a 135M model's small batches
 leave the time to launches and Python rather than arithmetic), one episode at a time and, for
@@ -11,7 +11,7 @@ bench's evaluation: primer's rank classification of 128 test examples against PE
 `generate` on them (batches of 32; the vocabulary-initialised prompt, where the bench tunes it
 for 30 steps first, which changes only how many tokens `generate` may stop early at).
 
-  .venv/bin/python scripts/flops.py [prompt length] [meta,eval]
+  .venv/bin/python scripts/flops.py [prompt length] [meta,eval] [backbone]
 """
 import sys
 from pathlib import Path
@@ -27,7 +27,8 @@ from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
 
 length = sys.argv[1] if len(sys.argv) > 1 else "20"
 parts = (sys.argv[2] if len(sys.argv) > 2 else "meta,eval").split(",")
-s = setup(parse(["--parts", "meta", "--prompt-length", length]))
+backbone = sys.argv[3] if len(sys.argv) > 3 else "smollm2-135m"
+s = setup(parse(["--parts", "meta", "--prompt-length", length, "--backbone", backbone]))
 init = s.model.prompt.detach().clone()
 loss = reference.PaperLoss(s.ref, s.static_length)
 
@@ -39,7 +40,7 @@ def count(work) -> Dispatched:
     return counter
 
 
-print(f"prompt {length}, static length {s.static_length}\n")
+print(f"{backbone}, prompt {length}, static length {s.static_length}\n")
 if "meta" in parts:
     print("| algorithm | episodes | primer GFLOP | paper-loop+higher GFLOP | ratio | operators per episode: primer, "
           "primer 2 in one forward, paper-loop+higher |\n|---|---|---|---|---|---|")
