@@ -216,12 +216,13 @@ class SoftPromptModel(nn.Module):
         config = self.backbone.model.config
         return getattr(config, "sliding_window", None) if self.causal else None
 
-    def _masks(self, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype):
+    def _masks(self, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor | None, dtype: torch.dtype):
         """The additive attention mask(s) for `allowed` ((B, Q, K), True: query sees key), given
-        each query's and key's position. A custom mask is taken as it is by every layer, so
-        where the backbone has sliding-window layers, those get their own, which also hides
-        every key `window` or more positions behind its query, as the model's own mask would:
-        a dict by layer type (Gemma 3), or the one mask (Mistral, every layer sliding)."""
+        each query's and key's position (read only where the backbone has a window). A custom
+        mask is taken as it is by every layer, so where the backbone has sliding-window layers,
+        those get their own, which also hides every key `window` or more positions behind its
+        query, as the model's own mask would: a dict by layer type (Gemma 3), or the one mask
+        (Mistral, every layer sliding)."""
         def additive(a):
             return torch.zeros(a.shape, dtype=dtype, device=a.device).masked_fill(~a, torch.finfo(dtype).min)[:, None]
 
@@ -309,7 +310,7 @@ class SoftPromptModel(nn.Module):
             cache = self._prompt_cache(cached, len(packs))  # one copy per pack, not per row
             sees_cache = torch.arange(C, device=dev) < seen.to(dev)[b[:, :, 0], seg_t][..., None]
             allowed = torch.cat([sees_cache, allowed], dim=2)
-        keys = torch.cat([torch.arange(C, device=dev).expand(len(packs), C), pos_t], 1)
+        keys = torch.cat([torch.arange(C, device=dev).expand(len(packs), C), pos_t], 1) if self._window() else None
         out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=self._masks(allowed, pos_t, keys, tokens.dtype),
                                              position_ids=pos_t, cache=cache, use_cache=False).last_hidden_state
         return out, starts
