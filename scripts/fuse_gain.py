@@ -1,5 +1,6 @@
 """Would the lean MLP's and RMSNorm's derivatives (core/backbones/lean.py: `_silu_mul_grads`,
-`_silu_mul_second`, `_rms_grad`, `_rms_second`) pay as compiled kernels? torch.compile (dynamic
+`_silu_mul_second` or, on Gemma, `_gelu_mul_grads`, `_gelu_mul_second`; `_rms_grad`, `_rms_second`)
+pay as compiled kernels? torch.compile (dynamic
 shapes, one graph each; C++ on a CPU, Triton on a GPU) writes each as one kernel: one pass over
 memory instead of one per operator. On the bench's data, backbone and lengths, the two ways
 taking turns in one process:
@@ -27,10 +28,11 @@ from core.algorithms.episodes import TaskEpisodes  # noqa: E402
 from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
 from core.backbones import lean  # noqa: E402
 
-NAMES = ("_silu_mul_grads", "_silu_mul_second", "_rms_grad", "_rms_second")
 args = sys.argv[1:]
 which = args.pop(0).split(",") if args and not args[0].startswith("-") else ["maml", "fomaml", "reptile", "pt"]
 s = setup(parse(["--parts", "meta", *args]))
+gate = "gelu" if {m.act for m in s.model.backbone.model.modules() if isinstance(m, lean.GatedMLP)} == {"gelu_tanh"} else "silu"
+NAMES = (f"_{gate}_mul_grads", f"_{gate}_mul_second", "_rms_grad", "_rms_second")
 init = s.model.prompt.detach().clone()
 device = s.model.backbone.device
 torch._inductor.config.compile_threads = 1
@@ -108,7 +110,7 @@ g = torch.Generator(device).manual_seed(0)
 rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=config.torch_dtype)  # noqa: E731
 d, m, rows = config.hidden_size, config.intermediate_size, 73
 norm = [rand(1, rows, d), rand(1, rows, d), rand(d), rand(1, rows, 1).float().abs() + 0.5]
-inputs = {"_silu_mul_grads": [rand(1, rows, m) for _ in range(3)], "_silu_mul_second": [rand(1, rows, m) for _ in range(5)],
+inputs = {NAMES[0]: [rand(1, rows, m) for _ in range(3)], NAMES[1]: [rand(1, rows, m) for _ in range(5)],
           "_rms_grad": norm, "_rms_second": [*norm, rand(1, rows, d)]}
 print(f"{device}, {s.dtypes[0]}, prompt {init.shape[0]}, {torch.get_num_threads()} threads\n\n"
       f"Each function alone, {rows} rows: µs per call\n\n| function | operators | compiled |\n|---|---|---|")

@@ -3,9 +3,10 @@
 once, the backbone's own weights left out; then the resident set's peak over the episode (the
 bench's measure, bench/measure.py) and the operators it dispatches (each a kernel launch on a
 GPU). With `stock`, transformers' own MLP and RMSNorm operators instead of primer's
-written-out derivatives (core/backbones/lean.py). The bench's first episode, SmolLM2-135M fp32, prompt 20.
+written-out derivatives (core/backbones/lean.py). The bench's first episode, fp32, prompt 20, on
+SmolLM2-135M or the backbone named.
 
-  .venv/bin/python scripts/saved_tensors.py [stock]
+  .venv/bin/python scripts/saved_tensors.py [stock] [backbone]
 """
 import collections
 import contextlib
@@ -21,12 +22,14 @@ from core.algorithms.episodes import TaskEpisodes  # noqa: E402
 from core.algorithms.upstream import UpstreamConfig, meta_grad  # noqa: E402
 from core.backbones.lean import stock_ops  # noqa: E402
 
-s = setup(parse(["--parts", "meta"]))
+stock = "stock" in sys.argv[1:]
+backbone = [a for a in sys.argv[1:] if a != "stock"]
+s = setup(parse(["--parts", "meta", *(["--backbone", *backbone] if backbone else [])]))
 init = s.model.prompt.detach().clone()
 cfg = UpstreamConfig(algorithm="maml", inner_lr=s.inner_lr).resolved()
 episode = TaskEpisodes(s.sources, cfg.seed).episode(0, *cfg.episode_sizes())
 weights = {p.untyped_storage().data_ptr() for p in s.model.backbone.model.parameters()}
-mode = stock_ops if sys.argv[1:] == ["stock"] else contextlib.nullcontext
+mode = stock_ops if stock else contextlib.nullcontext
 
 kept: dict[int, tuple] = {}
 
@@ -51,7 +54,7 @@ size, count = collections.Counter(), collections.Counter()
 for shape, nbytes in kept.values():
     size[shape] += nbytes
     count[shape] += 1
-print(f"MLP and RMSNorm: {'transformers (stock)' if sys.argv[1:] == ['stock'] else 'primer (lean)'}; "
+print(f"MLP and RMSNorm: {'transformers (stock)' if stock else 'primer (lean)'}; "
       f"support {len(episode.support)} rows, query {len(episode.query)} rows\n")
 print("| shape | tensors | MB |\n|---|---|---|")
 for shape, nbytes in size.most_common():

@@ -33,6 +33,18 @@ def test_the_smoke_run_checks_every_pair_and_times_nothing(tiny_dir, capsys):
     assert "| meta/maml | paper-loop+higher (fp32) |" in err  # the table
 
 
+def test_the_reference_implementations_equal_primer_on_a_gemma_backbone(tiny_dir, capsys):
+    # another family: sliding-window layers (the tiny one's window is 4 tokens), a GELU MLP and
+    # 1 + weight norms, which run as primer's lean modules on its side and as transformers' on
+    # the references'
+    assert main(["--smoke", "--backbone", str(tiny_dir["gemma"]), "--parts", "meta,pt,eval", "--one-process"]) == 0
+    lines = {(d["figure"], d["impl"]): d for d in map(json.loads, capsys.readouterr().out.splitlines())}
+    for algorithm in ("maml", "fomaml", "reptile"):
+        assert lines[(f"meta/{algorithm}", "primer")]["grad_relative_diff"] < 1e-3
+    assert lines[("pt", "primer")]["loss_relative_diff"] < 1e-4
+    assert lines[("eval", "primer")]["accuracy_one_by_one"] == lines[("eval", "primer")]["accuracy"]
+
+
 def test_the_smoke_run_in_bf16_puts_both_sides_in_bf16_and_checks_them_within_its_rounding(tiny_dir, capsys):
     from bench.figures import TOLERANCE
 

@@ -140,7 +140,9 @@ def test_answer_only_head_on_a_batch_equals_the_full_forward(tiny_backbone, layo
     (ours,) = torch.autograd.grad(together.sum(), model.prompt)
     (plain,) = torch.autograd.grad(alone.sum(), model.prompt)
     assert plain.norm() > 0
-    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-4)
+    # relative to the whole gradient: the tiny Llama's is large (norm ~80), and fp32 kernels that
+    # sum in another order (one CPU to the next) move its smallest elements by more than 1e-5
+    assert (ours - plain).norm() < 2e-5 * plain.norm()
 
 
 def test_packs_are_few_even_and_hold_every_row_once():

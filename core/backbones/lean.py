@@ -1,15 +1,16 @@
-"""A Llama-family backbone's MLP and RMSNorm with their derivatives written out, so that MAML's
-graphs keep less.
+"""A Llama- or Gemma-family backbone's gated MLP and RMSNorm with their derivatives written out,
+so that MAML's graphs keep less.
 
 MAML differentiates its support pass's backward once more (create_graph), and autograd, left to
 itself, keeps every input of every elementwise operator of that backward too. Per layer, the
-gated MLP `down(silu(gate(x)) * up(x))` keeps nine intermediate-width tensors in the support
-pass (the gate's output, its silu, the up projection's output, and six for the backward), and
-the two RMSNorms keep eight hidden-width ones. Here each is one autograd function that keeps its
-inputs only, whose backward is another function that keeps the incoming gradient besides them,
-with the second derivative written out: three and four. The forward runs the same operators on
-the same inputs as transformers' modules (the same bits); the derivatives are the same
-arithmetic, reassociated. `tests/test_lean.py` checks them against autograd's in float64.
+gated MLP `down(act(gate(x)) * up(x))` keeps nine intermediate-width tensors in the support
+pass with Llama's SiLU (the gate's output, its silu, the up projection's output, and six for the
+backward; five with Gemma's tanh GELU), and each RMSNorm keeps four hidden-width ones. Here each
+is one autograd function that keeps its inputs only, whose backward is another function that
+keeps the incoming gradient besides them, with the second derivative written out: three and
+two. The forward runs the same operators on the same inputs as transformers' modules (the same
+bits); the derivatives are the same arithmetic, reassociated. `tests/test_lean.py` checks them
+against autograd's in float64.
 
 Modules are swapped in when a backbone is frozen (`use_lean`), each only after it gives the
 same output as the module it replaces on a random input. `stock_ops()` runs transformers' own
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import torch
 import torch.nn.functional as F
@@ -43,36 +45,45 @@ def _lean(*inputs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs) and not _stock.get()
 
 
-class _SiluMul(torch.autograd.Function):
-    """silu(g) * u."""
+class _GatedMul(torch.autograd.Function):
+    """act(g) * u, act silu (Llama's SwiGLU) or the tanh-approximated GELU (Gemma's GeGLU)."""
 
     @staticmethod
-    def forward(ctx, g, u):
+    def forward(ctx, g, u, act):
         ctx.save_for_backward(g, u)
-        return F.silu(g) * u
+        ctx.act = act
+        return _ACTS[act](g) * u
 
     @staticmethod
     def backward(ctx, grad):
         g, u = ctx.saved_tensors
-        return _SiluMulBackward.apply(grad, g, u)
+        return *_GatedMulBackward.apply(grad, g, u, ctx.act), None
 
 
-class _SiluMulBackward(torch.autograd.Function):
-    """(grad, g, u) -> (grad * u * silu'(g), grad * silu(g)), differentiable once more."""
+class _GatedMulBackward(torch.autograd.Function):
+    """(grad, g, u) -> (grad * u * act'(g), grad * act(g)), differentiable once more."""
 
     @staticmethod
-    def forward(ctx, grad, g, u):
+    def forward(ctx, grad, g, u, act):
         ctx.save_for_backward(grad, g, u)
-        return _silu_mul_grads(grad, g, u)
+        ctx.act = act
+        return (_silu_mul_grads if act == "silu" else _gelu_mul_grads)(grad, g, u)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_g, grad_u):
         # autograd hands in zeros for an output whose gradient is not needed (materialized grads)
-        return _silu_mul_second(*ctx.saved_tensors, grad_g, grad_u)
+        second = _silu_mul_second if ctx.act == "silu" else _gelu_mul_second
+        return *second(*ctx.saved_tensors, grad_g, grad_u), None
 
 
-# The derivatives' arithmetic, as functions of tensors alone (scripts/fuse_gain.py compiles them)
+_ACTS = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
+
+# The derivatives' arithmetic, as functions of tensors alone (scripts/fuse_gain.py compiles them).
+# First: autograd's own operators (the same bits). Second: with d1, d2 the activation's first and
+# second derivatives at g, the vector-Jacobian product of (grad * u * d1, grad * act(g)) with
+# (grad_g, grad_u), in grad, g and u.
+
 
 def _silu_mul_grads(grad, g, u):
     return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
@@ -80,37 +91,62 @@ def _silu_mul_grads(grad, g, u):
 
 def _silu_mul_second(grad, g, u, grad_g, grad_u):
     s = torch.sigmoid(g)
-    rest, gu = 1 - s, grad_g * u
-    d1 = s * (1 + g * rest)  # silu'
-    d2 = s * rest * (2 + g * (1 - 2 * s))  # silu''
-    return gu * d1 + grad_u * g * s, grad * (gu * d2 + grad_u * d1), grad_g * grad * d1
+    rest = 1 - s
+    d1 = s * (1 + g * rest)
+    d2 = s * rest * (2 + g * (1 - 2 * s))
+    return _gated_second(grad, g * s, d1, d2, u, grad_g, grad_u)
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return _SiluMul.apply(g, u) if _lean(g, u) else F.silu(g) * u
+def _gelu_mul_grads(grad, g, u):
+    return torch.ops.aten.gelu_backward(grad * u, g, approximate="tanh"), grad * F.gelu(g, approximate="tanh")
+
+
+_K, _C = math.sqrt(2 / math.pi), 0.044715  # gelu(g) = g/2 (1 + tanh(K (g + C g³)))
+
+
+def _gelu_mul_second(grad, g, u, grad_g, grad_u):
+    t = torch.tanh(_K * (g + _C * g ** 3))
+    dz, sech2 = _K * (1 + 3 * _C * g * g), 1 - t * t  # the tanh argument's derivative, tanh'
+    d1 = 0.5 * (1 + t) + 0.5 * g * sech2 * dz
+    d2 = sech2 * (dz + g * (3 * _K * _C * g - t * dz * dz))
+    return _gated_second(grad, 0.5 * g * (1 + t), d1, d2, u, grad_g, grad_u)
+
+
+def _gated_second(grad, a, d1, d2, u, grad_g, grad_u):
+    gu = grad_g * u
+    return gu * d1 + grad_u * a, grad * (gu * d2 + grad_u * d1), grad_g * grad * d1
+
+
+def gated_mul(g: torch.Tensor, u: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    return _GatedMul.apply(g, u, act) if _lean(g, u) else _ACTS[act](g) * u
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32 (transformers: float32)."""
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 def _rms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x in at least float32 (transformers: float32) and its rsqrt(mean(x²) + eps), with
-    transformers' operators."""
-    h = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    """x in at least float32 and its rsqrt(mean(x²) + eps), with transformers' operators."""
+    h = _wide(x)
     return h, torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
 
 class _RMSNorm(torch.autograd.Function):
     """w * (x * r), r = rsqrt(mean(x²) + eps) over the last dimension, in at least float32 (as
-    transformers), for a weight that takes no gradient."""
+    transformers), for a weight that takes no gradient. Cast to x's dtype before the weight
+    (Llama) or, `late`, after it (Gemma, whose w is 1 + its weight in float32)."""
 
     @staticmethod
-    def forward(ctx, x, w, eps):
+    def forward(ctx, x, w, eps, late=False):
         h, r = _rms(x, eps)
         ctx.save_for_backward(x, w, r)
-        return w * (h * r).to(x.dtype)
+        return (w * (h * r)).to(x.dtype) if late else w * (h * r).to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
         x, w, r = ctx.saved_tensors
-        return _RMSNormBackward.apply(gy, x, w, r), None, None
+        return _RMSNormBackward.apply(gy, x, w, r), None, None, None
 
 
 class _RMSNormBackward(torch.autograd.Function):
@@ -141,68 +177,78 @@ def _rms_second(gy, x, w, r, v):
                   (v * gh).sum(-1, keepdim=True))
     d_gh = r * v - r3n * h * vx
     d_x = (3 * r * r * r3n / n * vx * xg - r3n * vg) * h - r3n * (xg * v + vx * gh)
-    return (w * d_gh.to(gy.dtype)), d_x.to(x.dtype)
+    return (w * d_gh.to(gy.dtype)).to(gy.dtype), d_x.to(x.dtype)
 
 
-class SwiGLU(nn.Module):
-    """A Llama-family MLP's own three projections, run through silu_mul. Same parameter names,
-    so state dicts and saved models are unchanged."""
+class GatedMLP(nn.Module):
+    """A gated MLP's own three projections, `down(act(gate(x)) * up(x))`, run through gated_mul:
+    Llama's SwiGLU (silu) or Gemma's GeGLU (tanh GELU). Same parameter names, so state dicts
+    and saved models are unchanged."""
 
-    def __init__(self, mlp: nn.Module):
+    def __init__(self, mlp: nn.Module, act: str):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(gated_mul(self.gate_proj(x), self.up_proj(x), self.act))
 
 
 class RMSNorm(nn.Module):
-    """A Llama-family RMSNorm's own weight and epsilon. A trained weight (fine-tuning) takes
+    """An RMSNorm's own weight and epsilon: Llama's `weight * norm(x)`, or with `offset` Gemma's
+    `(1 + weight) * norm(x)`, cast after the weight. A trained weight (fine-tuning) takes
     transformers' operators."""
 
-    def __init__(self, norm: nn.Module):
+    def __init__(self, norm: nn.Module, offset: bool = False):
         super().__init__()
-        self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
+        self.weight, self.offset = norm.weight, offset
+        self.variance_epsilon = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = 1.0 + _wide(self.weight) if self.offset else self.weight
         if _lean(x) and not self.weight.requires_grad:
-            return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+            return _RMSNorm.apply(x, w, self.variance_epsilon, self.offset)
         h, r = _rms(x, self.variance_epsilon)
-        return self.weight * (h * r).to(x.dtype)
+        return (w * (h * r)).to(x.dtype) if self.offset else w * (h * r).to(x.dtype)
 
 
-def _candidate(m: nn.Module) -> type | None:
-    """Which lean module could stand in for `m`, by its parts (none for one already lean)."""
-    if isinstance(m, (SwiGLU, RMSNorm)):
-        return None
+_ACT_NAMES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
+
+
+def _candidates(m: nn.Module) -> list[nn.Module]:
+    """The lean modules that could stand in for `m`, by its parts (none for one already lean)."""
+    if isinstance(m, (GatedMLP, RMSNorm)):
+        return []
     name, children = type(m).__name__, {n for n, _ in m.named_children()}
-    if (name.endswith("MLP") and type(getattr(m, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")
+    act = _ACT_NAMES.get(type(getattr(m, "act_fn", None)).__name__)
+    if (name.endswith("MLP") and act
             and all(isinstance(getattr(m, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj"))
             and children == {"gate_proj", "up_proj", "down_proj", "act_fn"}):
-        return SwiGLU
-    if (name.endswith("RMSNorm") and not children and isinstance(getattr(m, "variance_epsilon", None), float)
+        return [GatedMLP(m, act)]
+    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    if (name.endswith("RMSNorm") and not children and isinstance(eps, float)
             and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1):
-        return RMSNorm
-    return None
+        return [RMSNorm(m), RMSNorm(m, offset=True)]
+    return []
 
 
 def _stand_in(m: nn.Module) -> nn.Module | None:
-    """The lean module for `m`, if it gives the same output on a random input (which rules out
-    another forward written over the same parts, Gemma's 1 + weight for one)."""
-    lean = _candidate(m)
-    if lean is None:
-        return None
-    w = next(m.parameters())
-    width = m.gate_proj.weight.shape[1] if lean is SwiGLU else w.shape[0]
-    x = torch.randn(2, 3, width, dtype=w.dtype, device=w.device,  # not the global RNG's draws
-                    generator=torch.Generator(w.device).manual_seed(0))
-    new = lean(m)
-    with torch.no_grad():
-        return new if torch.equal(m(x), new(x)) else None
+    """The lean module for `m` that gives the same output on a random input (which rules out
+    another forward written over the same parts, and tells Gemma's 1 + weight from Llama's)."""
+    for new in _candidates(m):
+        w = next(m.parameters())
+        width = m.gate_proj.weight.shape[1] if isinstance(new, GatedMLP) else w.shape[0]
+        x = torch.randn(2, 3, width, dtype=w.dtype, device=w.device,  # not the global RNG's draws
+                        generator=torch.Generator(w.device).manual_seed(0))
+        with torch.no_grad():
+            if torch.equal(m(x), new(x)):
+                return new
+    return None
 
 
 def use_lean(model: nn.Module) -> int:
-    """Swaps every Llama-family MLP and RMSNorm in `model` for its lean module; returns how many."""
+    """Swaps every Llama- or Gemma-family MLP and RMSNorm in `model` for its lean module; returns
+    how many."""
     found = [(parent, name, new) for parent in model.modules() for name, child in parent.named_children()
              if (new := _stand_in(child)) is not None]
     for parent, name, new in found:

@@ -145,8 +145,8 @@ def warm_vml() -> None:
 
 
 def freeze(backbone: Backbone) -> Backbone:
-    """Frozen: no backbone weight takes a gradient; eval mode, so no dropout noise either; a
-    Llama-family MLP and RMSNorm keep less for MAML's second-order gradient (core/backbones/lean.py).
+    """Frozen: no backbone weight takes a gradient; eval mode, so no dropout noise either; a Llama-
+    or Gemma-family MLP and RMSNorm keep less for MAML's second-order gradient (core/backbones/lean.py).
     Before anything runs on it, this process's VML kernels are chosen on one thread (warm_vml)."""
     warm_vml()
     use_lean(backbone.model)
