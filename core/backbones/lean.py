@@ -132,6 +132,11 @@ def _rms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return h, torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
 
+def _weighted(w: torch.Tensor, normed: torch.Tensor, dtype: torch.dtype, late: bool) -> torch.Tensor:
+    """The weight times the normed input, cast to `dtype` before the product or, `late`, after it."""
+    return (w * normed).to(dtype) if late else w * normed.to(dtype)
+
+
 class _RMSNorm(torch.autograd.Function):
     """w * (x * r), r = rsqrt(mean(x²) + eps) over the last dimension, in at least float32 (as
     transformers), for a weight that takes no gradient. Cast to x's dtype before the weight
@@ -141,7 +146,7 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, w, eps, late=False):
         h, r = _rms(x, eps)
         ctx.save_for_backward(x, w, r)
-        return (w * (h * r)).to(x.dtype) if late else w * (h * r).to(x.dtype)
+        return _weighted(w, h * r, x.dtype, late)
 
     @staticmethod
     def backward(ctx, gy):
@@ -209,7 +214,7 @@ class RMSNorm(nn.Module):
         if _lean(x) and not self.weight.requires_grad:
             return _RMSNorm.apply(x, w, self.variance_epsilon, self.offset)
         h, r = _rms(x, self.variance_epsilon)
-        return (w * (h * r)).to(x.dtype) if self.offset else w * (h * r).to(x.dtype)
+        return _weighted(w, h * r, x.dtype, self.offset)
 
 
 _ACT_NAMES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
