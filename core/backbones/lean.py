@@ -207,7 +207,7 @@ class RMSNorm(nn.Module):
     def __init__(self, norm: nn.Module, offset: bool = False):
         super().__init__()
         self.weight, self.offset = norm.weight, offset
-        self.variance_epsilon = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+        self.variance_epsilon = _eps(norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = 1.0 + _wide(self.weight) if self.offset else self.weight
@@ -215,6 +215,11 @@ class RMSNorm(nn.Module):
             return _RMSNorm.apply(x, w, self.variance_epsilon, self.offset)
         h, r = _rms(x, self.variance_epsilon)
         return _weighted(w, h * r, x.dtype, self.offset)
+
+
+def _eps(norm: nn.Module) -> float | None:
+    """A norm's epsilon: Llama's `variance_epsilon`, Gemma's `eps`."""
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
 
 
 _ACT_NAMES = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
@@ -230,8 +235,7 @@ def _candidates(m: nn.Module) -> list[nn.Module]:
             and all(isinstance(getattr(m, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj"))
             and children == {"gate_proj", "up_proj", "down_proj", "act_fn"}):
         return [GatedMLP(m, act)]
-    eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
-    if (name.endswith("RMSNorm") and not children and isinstance(eps, float)
+    if (name.endswith("RMSNorm") and not children and isinstance(_eps(m), float)
             and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1):
         return [RMSNorm(m), RMSNorm(m, offset=True)]
     return []
