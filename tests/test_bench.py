@@ -56,6 +56,37 @@ def test_the_smoke_run_in_bf16_puts_both_sides_in_bf16_and_checks_them_within_it
     assert len(grads) == 6 and all(0 < g < TOLERANCE["bf16"]["grad"] for g in grads)  # rounded, not identical
     assert [d["impl"] for d in lines if d["figure"] == "eval"] == ["primer", "peft+generate"]
     assert {d["dtype"] for d in lines[1:]} == {"bf16"}
+    # each side against the paper's loop on a float32 copy of the same weights: rounding, not zero
+    for d in (d for d in lines if d["figure"].startswith("meta/") and d["impl"] == "primer"):
+        assert 0 < d["grad_error_vs_fp32"] < max(TOLERANCE["bf16"]["grad"], 1.5 * d["reference_error_vs_fp32"])
+        assert d["reference_error_vs_fp32"] > 0
+
+
+def test_in_bf16_a_meta_gradient_further_from_float32_than_the_loops_is_refused(tiny_dir, monkeypatch):
+    from bench import figures
+    from bench.__main__ import setup
+
+    s = setup(parse(["--smoke", "--backbone", str(tiny_dir["causal"]), "--dtype", "bf16"]))
+    right = figures.meta_grad
+    monkeypatch.setattr(figures, "meta_grad", lambda *a, **k: (right(*a, **k)[0] * 1.3, []))
+    with pytest.raises(AssertionError, match="fomaml: primer's bf16 meta-gradient is .* from float32's"):
+        figures.meta(s, "fomaml", lambda line: None)
+
+
+def test_peft_generate_gets_its_head_input_contiguous_and_the_hook_goes_after(tiny_dir):
+    # torch's CPU linear on the strided last positions generate asks the head for copies its
+    # weight per row (scripts/bf16_head.py); the bench times PEFT, not that
+    from bench import reference
+    from bench.__main__ import setup
+
+    s = setup(parse(["--smoke", "--backbone", str(tiny_dir["causal"])]))
+    peft = reference.Peft(s.model, s.model.prompt.detach(), s.static_length)
+    head, seen = s.model.backbone.model.get_output_embeddings(), []
+    watch = head.register_forward_hook(lambda _, args, out: seen.append(args[0].is_contiguous()))
+    labels = peft.generate_labels(s.test[:4], s.options, max_new_tokens=2, batch_size=4)
+    watch.remove()
+    assert len(labels) == 4 and seen and all(seen)
+    assert not head._forward_pre_hooks  # removed once generate is done
 
 
 def test_the_reference_implementations_can_run_in_another_precision(tiny_dir, capsys):

@@ -1,0 +1,38 @@
+"""Why the bench makes the LM head's input contiguous around PEFT's `generate`
+(bench/reference.py, `contiguous_head`): the head over a batch's last positions, as `generate`
+asks for them (hidden[:, -1:, :], a strided 3-D view, logits_to_keep=1), against the same rows
+contiguous, in bf16 and float32, for each registered backbone's head shape. Random weights:
+only the shapes and strides matter. Seconds, the median of 3 runs after one warm-up.
+
+  .venv/bin/python scripts/bf16_head.py [rows] [positions]
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+ROWS, POSITIONS = (int(a) for a in (sys.argv[1:] + ["32", "60"][len(sys.argv) - 1:])[:2])
+HEADS = {"smollm2-135m": (49152, 576), "gemma3-270m": (262144, 640)}
+
+
+def seconds(x: torch.Tensor, w: torch.Tensor) -> float:
+    torch.nn.functional.linear(x, w)
+    runs = []
+    for _ in range(3):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs)
+
+
+print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROWS} rows of {POSITIONS} positions\n")
+print("| backbone | head | dtype | hidden[:, -1:, :] (strided) | contiguous | strided ÷ contiguous |")
+print("|---|---|---|---|---|---|")
+for name, (vocab, dim) in HEADS.items():
+    w32 = torch.randn(vocab, dim) / dim**0.5
+    h32 = torch.randn(ROWS, POSITIONS, dim)
+    for dtype in (torch.bfloat16, torch.float32):
+        w, h = w32.to(dtype), h32.to(dtype)
+        strided, dense = seconds(h[:, -1:, :], w), seconds(h[:, -1:, :].contiguous(), w)
+        print(f"| {name} | {vocab} × {dim} | {str(dtype)[6:]} | {strided:.4f} | {dense:.4f} | {strided / dense:.0f}× |", flush=True)
