@@ -12,7 +12,8 @@ import time
 
 import torch
 
-ROWS, POSITIONS = (int(a) for a in (sys.argv[1:] + ["32", "60"][len(sys.argv) - 1:])[:2])
+ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 32
+POSITIONS = int(sys.argv[2]) if len(sys.argv) > 2 else 60
 HEADS = {"smollm2-135m": (49152, 576), "gemma3-270m": (262144, 640)}
 
 
