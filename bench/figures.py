@@ -109,7 +109,7 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     diff = _relative(ours, theirs)
     check = {"grad_relative_diff": float(f"{diff:.3g}")}
     if s.dtypes == ("bf16", "bf16"):
-        check |= _against_fp32(s, algorithm, ours, theirs, loss, init, drawn, cfg)
+        check |= _against_fp32(s, algorithm, ours, theirs, init, drawn, cfg)
     elif not diff < s.tol("grad"):
         raise AssertionError(f"{algorithm}: primer's meta-gradient differs from the reference's by {diff:.2e} (relative)")
 
@@ -134,8 +134,8 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     emit(_line(s, f"meta/{algorithm}", "paper-loop+higher", theirs_t, "episodes_per_s", **check))
 
 
-def _against_fp32(s: Setup, algorithm: str, ours: torch.Tensor, theirs: torch.Tensor, loss: reference.PaperLoss,
-                  init: torch.Tensor, drawn: list, cfg: UpstreamConfig) -> dict:
+def _against_fp32(s: Setup, algorithm: str, ours: torch.Tensor, theirs: torch.Tensor, init: torch.Tensor,
+                  drawn: list, cfg: UpstreamConfig) -> dict:
     """Both sides in bf16: each rounds its own way, and on Gemma-3-270M each meta-gradient is
     ~9 % from the float32 one, so the two are ~12 % apart and a tolerance between them says
     little. The paper's loop on a float32 copy of the same (bf16-valued) weights is what both
@@ -143,7 +143,7 @@ def _against_fp32(s: Setup, algorithm: str, ours: torch.Tensor, theirs: torch.Te
     tolerance)."""
     wide = copy.deepcopy(s.model.backbone.model).float()
     exact = SoftPromptModel(replace(s.model.backbone, model=wide), init, max_input_tokens=s.model.max_input_tokens)
-    truth = sum(reference.episode_grad(reference.PaperLoss(exact, loss.length), init, ep, cfg)[0] for ep in drawn)
+    truth = sum(reference.episode_grad(reference.PaperLoss(exact, s.static_length), init, ep, cfg)[0] for ep in drawn)
     del exact, wide
     mine, loop = _relative(ours, truth), _relative(theirs, truth)
     if not mine < max(s.tol("grad"), 1.5 * loop):

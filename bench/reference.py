@@ -159,15 +159,15 @@ class Peft:
         needs), then the longest option the generated text starts with, else ''."""
         pad, dev, out = self.tokenizer.pad_token_id, self.primer.backbone.device, []
         by_length = sorted(options, key=len, reverse=True)
-        for s in range(0, len(examples), batch_size):
-            rows = [self.primer._tokens(e.input, False) for e in examples[s:s + batch_size]]
-            T = max(map(len, rows))
-            ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=dev)
-            mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=dev)
-            with contiguous_head(self.primer.backbone.model):
+        with contiguous_head(self.primer.backbone.model):
+            for s in range(0, len(examples), batch_size):
+                rows = [self.primer._tokens(e.input, False) for e in examples[s:s + batch_size]]
+                T = max(map(len, rows))
+                ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows], device=dev)
+                mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], device=dev)
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                           do_sample=False, pad_token_id=pad)
-            for text in self.tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True):
-                t = text.strip().lower()
-                out.append(next((o for o in by_length if t.startswith(o.lower())), ""))
+                for text in self.tokenizer.batch_decode(gen[:, T:], skip_special_tokens=True):
+                    t = text.strip().lower()
+                    out.append(next((o for o in by_length if t.startswith(o.lower())), ""))
         return out
