@@ -477,6 +477,7 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 import httpx  # noqa: E402
 
@@ -519,10 +520,50 @@ def events(svc, job_id):
     return [e["message"] for e in svc.http.get(f"/jobs/{job_id}/events", params={"limit": 1000}).json()["events"]]
 
 
+HOLD = 4242  # the advisory lock a held worker waits for
+
+
+@contextmanager
+def held(svc, name):
+    """Hold the worker of the job called `name` when it writes the progress of a downstream run
+    while another of its downstream runs is done: a trigger in the store makes that write wait
+    for a lock this test holds. Yields the worker's blocked backend's pid once it waits, so the
+    worker is known to be mid-downstream (a poll for that window can miss it: the runs are short)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(svc.env["PRIMER_DATABASE_URL"], isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        c.execute(text(f"""
+            CREATE FUNCTION test_hold() RETURNS trigger AS $$ BEGIN
+              IF NOT NEW.done AND NEW.unit LIKE 'downstream/%' AND EXISTS (
+                  SELECT 1 FROM job_units u JOIN jobs j ON j.id = u.job_id
+                  WHERE u.job_id = NEW.job_id AND j.name = '{name}' AND u.unit LIKE 'downstream/%' AND u.done)
+              THEN PERFORM pg_advisory_xact_lock({HOLD}); END IF;
+              RETURN NEW; END $$ LANGUAGE plpgsql"""))
+        c.execute(text("CREATE TRIGGER test_hold BEFORE UPDATE ON job_units FOR EACH ROW EXECUTE FUNCTION test_hold()"))
+        c.execute(text(f"SELECT pg_advisory_lock({HOLD})"))
+        try:
+            deadline = time.monotonic() + 240
+            while c.scalar(text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :k "
+                                "AND NOT granted"), {"k": HOLD}) is None:
+                assert time.monotonic() < deadline, f"no worker reached the hold of {name!r} in 240 s"
+                time.sleep(0.1)
+            yield
+        finally:
+            c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                           "AND objid = :k AND NOT granted"), {"k": HOLD})
+            c.execute(text(f"SELECT pg_advisory_unlock({HOLD})"))
+            c.execute(text("DROP TRIGGER test_hold ON job_units"))
+            c.execute(text("DROP FUNCTION test_hold()"))
+    engine.dispose()
+
+
 def test_a_worker_killed_mid_downstream_loses_nothing(svc, undisturbed):
     job_id = svc.http.post("/jobs", json=spec("killed-downstream")).json()["id"]
-    svc.wait(svc.http, job_id, until=("running",), check=lambda j: j["phase"] == "downstream" and j["step"] > 6)
-    svc.kill(svc.workers[-1])
+    with held(svc, "killed-downstream"):
+        job = svc.http.get(f"/jobs/{job_id}").json()
+        assert job["status"] == "running" and job["phase"] == "downstream" and 6 < job["step"] < job["total"], job
+        svc.kill(svc.workers[-1])
     R.count("faults", "worker SIGKILLed mid-downstream")
     svc.start_worker()
     job = svc.wait(svc.http, job_id, timeout=300)
