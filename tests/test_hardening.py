@@ -527,8 +527,8 @@ HOLD = 4242  # the advisory lock a held worker waits for
 def held(svc, name):
     """Hold the worker of the job called `name` when it writes the progress of a downstream run
     while another of its downstream runs is done: a trigger in the store makes that write wait
-    for a lock this test holds. Yields the worker's blocked backend's pid once it waits, so the
-    worker is known to be mid-downstream (a poll for that window can miss it: the runs are short)."""
+    for a lock this test holds. Yields once the worker waits there, so it is known to be
+    mid-downstream (a poll for that window can miss it: the runs are short)."""
     from sqlalchemy import create_engine, text
 
     engine = create_engine(svc.env["PRIMER_DATABASE_URL"], isolation_level="AUTOCOMMIT")
