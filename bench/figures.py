@@ -68,7 +68,7 @@ def _timed(s: Setup, works: dict[str, Callable[[], int]]) -> list[Timing | None]
         for work in works.values():
             work()
         return [None] * len(works)
-    timings = measure(list(works.values()), s.model.backbone.device, s.warmup, s.repeats)
+    timings = measure(list(works.values()), s.model.backbone.device, s.warmup, s.repeats, names=list(works))
     for name, work in works.items() if s.profile else ():
         profile(work, s.model.backbone.device, name)
     return timings

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -104,15 +105,23 @@ class Timing:
     peak_mb: float  # the peak above the level before the work
 
 
-def measure(works: list[Callable[[], int]], device: torch.device, warmup: int, repeats: int) -> list[Timing]:
+def measure(works: list[Callable[[], int]], device: torch.device, warmup: int, repeats: int,
+            names: list[str] | None = None) -> list[Timing]:
     """The implementations of one figure, timed in turn: each `work()` does a fixed amount of work
     and returns how many items it did. After every one's warm-up, each round runs them all, in
     the order given and in reverse on alternate rounds (A B, B A, A B, ...), so that a machine
     whose speed drifts during the run (by 10-30 % on these shared machines) slows or speeds both
-    alike instead of whichever ran last. Then each one's peak memory, in a run of its own."""
-    for work in works:
-        for _ in range(warmup):
+    alike instead of whichever ran last. Then each one's peak memory, in a run of its own. With
+    `names`, a line to stderr as each run ends: a figure's runs can take minutes."""
+    def said(i: int, what: str, start: float) -> None:
+        if names:
+            print(f"{names[i]}: {what} in {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
+
+    for i, work in enumerate(works):
+        for w in range(warmup):
+            start = time.perf_counter()
             work()
+            said(i, f"warm-up {w + 1}/{warmup}", start)
     seconds: list[list[float]] = [[] for _ in works]
     items = [0] * len(works)
     for r in range(repeats):
@@ -123,10 +132,13 @@ def measure(works: list[Callable[[], int]], device: torch.device, warmup: int, r
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds[i].append(time.perf_counter() - start)
+            said(i, f"repeat {r + 1}/{repeats}: {items[i]} items", start)
     timings = []
     for i, work in enumerate(works):
+        start = time.perf_counter()
         with live_resident_set() if device.type == "cpu" else contextlib.nullcontext(), PeakMemory(device) as mem:
             work()
+        said(i, "the run for peak memory", start)
         timings.append(Timing(items[i] / statistics.median(seconds[i]), seconds[i], items[i], mem.peak / 2**20))
     return timings
 

@@ -207,10 +207,16 @@ def test_a_timed_run_gives_each_side_its_own_rates_and_peak(tiny_dir, capsys):
     # not a measurement (the tiny model's timings mean nothing): the timed path's wiring
     assert main(["--backbone", str(tiny_dir["causal"]), "--parts", "pt", "--one-process", "--warmup", "0",
                  "--repeats", "2", "--pt-steps", "2"]) == 0
-    lines = {(d["figure"], d["impl"]): d for d in map(json.loads, capsys.readouterr().out.splitlines())}
+    out, err = capsys.readouterr()
+    lines = {(d["figure"], d["impl"]): d for d in map(json.loads, out.splitlines())}
     for impl in ("primer", "peft"):
         line = lines[("pt", impl)]
         assert line["steps_per_s"] > 0 and line["peak_mb"] is not None and len(line["seconds"]) == 2
+    # progress, as each run ends: a figure's runs take minutes on a real backbone
+    progress = [line.split(" in ")[0] for line in err.splitlines() if line.startswith("pt ")]
+    assert progress == ["pt primer: repeat 1/2: 2 items", "pt peft: repeat 1/2: 2 items",
+                        "pt peft: repeat 2/2: 2 items", "pt primer: repeat 2/2: 2 items",
+                        "pt primer: the run for peak memory", "pt peft: the run for peak memory"]
 
 
 @pytest.mark.parametrize("rate", [0.0, 1.0])
