@@ -30,8 +30,9 @@ TARGET = "rotten_tomatoes_sentiment"
 PARALLEL = {"auto": None, "on": True, "off": False}  # --parallel-episodes: upstream.parallel_episodes
 
 
-def at_least(low: float, kind: type = int):
-    """An argparse type: a number of `kind` no smaller than `low` (above it for a float)."""
+def at_least(low: float, kind: type = int, most: float | None = None):
+    """An argparse type: a number of `kind` no smaller than `low` (above it for a float), and no
+    larger than `most`."""
     def number(text: str):
         try:
             value = kind(text)
@@ -41,6 +42,8 @@ def at_least(low: float, kind: type = int):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a finite number'}")
         if value < low or (kind is float and value == low):
             raise argparse.ArgumentTypeError(f"{text} is too small: expected {'at least' if kind is int else 'above'} {low}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{text} is too large: expected at most {most}")
         return value
     return number
 
@@ -58,7 +61,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-dtype", choices=("fp32", "bf16"),
                    help="the reference implementations' precision, if not --dtype (primer in bf16 against "
                         "the paper's loop and PEFT as their authors run them, in fp32)")
-    p.add_argument("--prompt-length", type=at_least(1), default=20, help=f"at most {MAX_PROMPT_TOKENS}")
+    p.add_argument("--prompt-length", type=at_least(1, most=MAX_PROMPT_TOKENS), default=20)
     p.add_argument("--max-input-tokens", type=at_least(8), default=64)
     p.add_argument("--batch-size", type=at_least(1), default=8, help="prompt tuning's batch")
     p.add_argument("--inner-lr", type=at_least(0, float), default=3e-5)
@@ -93,8 +96,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.algorithms.split(",")) - set(ALGORITHMS))
     if unknown:
         p.error(f"unknown algorithm(s) {', '.join(unknown)}; accepted: {', '.join(ALGORITHMS)}")
-    if args.prompt_length > MAX_PROMPT_TOKENS:
-        p.error(f"--prompt-length {args.prompt_length} is too long: at most {MAX_PROMPT_TOKENS}")
     if {"meta", "pt", "eval"} & set(args.parts.split(",")):  # before any figure's process starts
         from core.backbones.load import BackboneError, locate
 

@@ -147,7 +147,7 @@ def test_an_unknown_algorithm_is_named_with_the_accepted_ones(capsys):
     (["--backbone", "no-such-model"], "unknown backbone 'no-such-model'; expected a registered backbone (gemma3-270m, smollm2-135m)"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu' (choose from 'cpu', 'cuda')"),
     (["--prompt-length", "0"], "argument --prompt-length: 0 is too small: expected at least 1"),
-    (["--prompt-length", "513"], "--prompt-length 513 is too long: at most 512"),
+    (["--prompt-length", "513"], "argument --prompt-length: 513 is too large: expected at most 512"),
     (["--repeats", "0"], "argument --repeats: 0 is too small: expected at least 1"),
     (["--eval-examples", "-1"], "argument --eval-examples: -1 is too small: expected at least 1"),
     (["--max-input-tokens", "4"], "argument --max-input-tokens: 4 is too small: expected at least 8"),
