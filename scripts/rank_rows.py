@@ -55,11 +55,11 @@ def layout(packs, S: int, C: int, dev):
         for j, s in enumerate(pack):
             for i in s.sees:
                 group[j] = group[i]
-        first, n = {}, 0
+        members, n = {}, 0
         for j, s in enumerate(pack):
-            first.setdefault(group[j], []).extend(range(n, n + len(s.tokens)))
+            members.setdefault(group[j], []).extend(range(n, n + len(s.tokens)))
             n += len(s.tokens)
-        rows += [(k, positions) for positions in first.values()]
+        rows += [(k, positions) for positions in members.values()]
     N = max(len(g) for _, g in rows)
     qp = torch.tensor([g + [g[0]] * (N - len(g)) for _, g in rows])
     kp = torch.tensor([list(range(C)) + [C + t for t in g] + [0] * (N - len(g)) for _, g in rows])

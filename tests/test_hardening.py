@@ -521,6 +521,7 @@ def events(svc, job_id):
 
 
 HOLD = 4242  # the advisory lock a held worker waits for
+WAITING = f"FROM pg_locks WHERE locktype = 'advisory' AND objid = {HOLD} AND NOT granted"  # its backend
 
 
 @contextmanager
@@ -544,14 +545,12 @@ def held(svc, name):
         c.execute(text(f"SELECT pg_advisory_lock({HOLD})"))
         try:
             deadline = time.monotonic() + 240
-            while c.scalar(text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = :k "
-                                "AND NOT granted"), {"k": HOLD}) is None:
+            while c.scalar(text(f"SELECT pid {WAITING}")) is None:
                 assert time.monotonic() < deadline, f"no worker reached the hold of {name!r} in 240 s"
                 time.sleep(0.1)
             yield
         finally:
-            c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                           "AND objid = :k AND NOT granted"), {"k": HOLD})
+            c.execute(text(f"SELECT pg_terminate_backend(pid) {WAITING}"))
             c.execute(text(f"SELECT pg_advisory_unlock({HOLD})"))
             c.execute(text("DROP TRIGGER test_hold ON job_units"))
             c.execute(text("DROP FUNCTION test_hold()"))
