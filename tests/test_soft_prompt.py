@@ -3,9 +3,11 @@ the shortcuts (answer-only LM head, rows packed end to end, the prompt's KV cach
 decoding) give the plain model's numbers."""
 import hashlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.algorithms.pt import RunResult, TrainConfig, best_of, train_prompt
 from core.backbones.soft_prompt import SoftPromptModel, plan_packs
@@ -280,7 +282,12 @@ def test_prompt_width_must_match_the_backbone(tiny_backbone):
 # How options are scored: packed with their inputs (all in one pack, or an input and its options
 # per pack), or as continuations of each input's KV cache, copied per option (with the prompt's
 # own KV cache shared, or the prompt concatenated in front of each input).
-OPTION_LAYOUTS = {"packed, one pack": dict(PACK_TOKENS=10**6), "packed, an input per pack": dict(PACK_TOKENS=1),
+# Packed, the attention runs by blocks of queries over one pack (core/backbones/blocked.py), or
+# over the whole square of each pack.
+OPTION_LAYOUTS = {"packed, one pack, blocks of 4 queries": dict(BLOCK_QUERIES=4),
+                  "packed, an input per pack, blocks of 4 queries": dict(BLOCK_QUERIES=4, RANK_PACK_TOKENS=1),
+                  "packed, one pack, the whole square": dict(BLOCKED=False, PACK_TOKENS=10**6),
+                  "packed, an input per pack, the whole square": dict(BLOCKED=False, PACK_TOKENS=1),
                   "input cache, prompt KV cache shared": dict(PACK=False, PROMPT_CACHE_ROWS=1),
                   "input cache, prompt concatenated": dict(PACK=False, PROMPT_CACHE_ROWS=100)}
 
@@ -305,3 +312,57 @@ def test_option_scores_equal_each_option_through_the_plain_forward(tiny_dir, arc
         for text, opts, scores in zip(inputs, options, scored):
             alone = torch.stack([full_forward_logprobs(model, Example(text, (o,))).sum() for o in opts])
             torch.testing.assert_close(scores, alone, atol=1e-4, rtol=1e-5)
+
+
+def test_ranking_attention_runs_by_blocks_over_the_keys_each_block_sees(tiny_dir, monkeypatch):
+    """One pack of many inputs: the queries go in blocks, and a block after the first inputs
+    skips the keys of the inputs before it (the cache's keys stay), so no call takes the whole
+    (S, C + S) square. The scores are checked against the plain forward above."""
+    from core.backbones import blocked, load
+
+    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
+    model.BLOCK_QUERIES = 8
+    calls = []  # (queries, keys) of each SDPA call in a block
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[2], k.shape[2]))
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(blocked, "F", SimpleNamespace(scaled_dot_product_attention=spy, pad=F.pad))
+    inputs = [TEMPLATE + t for t in ("the movie was good and great", "awful", "what color is the sky ?", "a fine film")]
+    with torch.no_grad():
+        model.option_logliks(inputs * 3, [("positive", "negative")] * 12)
+    layers = backbone.model.config.num_hidden_layers
+    assert calls and len(calls) % layers == 0
+    per_layer = calls[: len(calls) // layers]
+    S = sum(q for q, _ in per_layer)  # the pack's length: the blocks cover it once
+    assert len(per_layer) == -(-S // 8) > 2 and all(q <= 8 for q, _ in per_layer)
+    assert max(k for _, k in per_layer) < S  # the last block skips most keys, cache or not
+    # where nothing is blocked, one call per layer over the whole square
+    calls.clear()
+    model.BLOCKED = False
+    with torch.no_grad():
+        model.option_logliks(inputs * 3, [("positive", "negative")] * 12)
+    assert calls == []
+
+
+def test_a_block_sees_the_columns_of_any_of_its_rows():
+    # one pack of 6 tokens after a cache of 2: segments [0, 1, 2] and [3, 4, 5], causal within;
+    # token 3 also sees token 1 (an option seeing its input)
+    allowed = torch.zeros(1, 6, 8, dtype=torch.bool)
+    allowed[0, :, :2] = True
+    for a, b in ((0, 3), (3, 6)):
+        for q in range(a, b):
+            allowed[0, q, 2 + a : 2 + q + 1] = True
+    allowed[0, 3, 3] = True
+    from core.backbones.blocked import plan
+
+    assert plan(allowed, 2, 2).spans == ((0, 2, 0, 2), (2, 4, 0, 4), (4, 6, 3, 6))
+    assert plan(allowed, 2, 4).spans == ((0, 4, 0, 4), (4, 6, 3, 6))
+    assert plan(allowed, 2, 6).spans == ((0, 6, 0, 6),)
+    # over two packs, a block sees what any pack's rows see
+    two = torch.cat([allowed, allowed.roll(1, 1)])
+    two[1, 0] = False
+    two[1, 0, :2] = True
+    assert plan(two, 2, 2).spans == ((0, 2, 0, 2), (2, 4, 0, 4), (4, 6, 1, 6))  # pack 2 row 4 sees its column 1

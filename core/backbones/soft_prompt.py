@@ -25,6 +25,7 @@ from torch import nn
 from core.errors import UserError
 from core.names import MAX_PROMPT_TOKENS
 
+from core.backbones import blocked
 from core.backbones.load import Backbone
 from core.tasks.base import Example, TaskError, TaskInfo
 
@@ -252,6 +253,14 @@ class SoftPromptModel(nn.Module):
     # docs/performance.md).
     PACK_TOKENS = 256
     PACK = True  # False: pad the rows instead (for comparison)
+    # Rank classification's packs run their attention by blocks of BLOCK_QUERIES queries
+    # (core/backbones/blocked.py; sdpa on a CPU), whose cost grows with a pack's length, not its
+    # square: a batch's inputs go in one pack of up to RANK_PACK_TOKENS tokens, with no padding.
+    # 32 queries a block ranked fastest of 16 to 128 (docs/performance.md). BLOCKED = False:
+    # packs of PACK_TOKENS, each over the whole square (a GPU runs so: not measured there yet).
+    RANK_PACK_TOKENS = 2048
+    BLOCK_QUERIES = 32
+    BLOCKED = True
     # Rows that begin with the same tokens (a task's template, "Is this SMS message spam or ham?
     # Message:") run them once: a loss's rows under one prompt, once per pack, as a segment after
     # the prompt that each of them sees; rank classification's inputs, once per batch, in the
@@ -269,12 +278,17 @@ class SoftPromptModel(nn.Module):
         n = min(len(os.path.commonprefix([seqs[i] for i in rows])), *(keep[i] for i in rows))
         return (set(rows), n) if n else (set(), 0)
 
+    def _blocked(self) -> bool:
+        return (self.BLOCKED and self.backbone.device.type == "cpu"
+                and getattr(self.backbone.model.config, "_attn_implementation", None) == "sdpa")
+
     def _run_packs(self, packs: list[list[Segment]], prompts: torch.Tensor | None,
-                   cached: torch.Tensor | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+                   cached: torch.Tensor | None = None, blocks: bool = False) -> tuple[torch.Tensor, list[list[int]]]:
         """Causal LMs: one forward over packs of segments laid end to end, each token attending
         (causally) to its own segment and to the segments it `sees`, at the positions the
         segments give. A prompt segment holds prompts[s.prompt]; `cached`, a (P, d) prompt, runs
-        once in front of every pack as a shared KV cache that every token sees. Returns the last
+        once in front of every pack as a shared KV cache that every token sees. `blocks`: the
+        attention runs by blocks of queries (core/backbones/blocked.py). Returns the last
         hidden states (packs, S, d) and the index of each segment's first token in its pack."""
         dev = self.backbone.device
         P = 0 if prompts is None else prompts.shape[1]
@@ -311,8 +325,12 @@ class SoftPromptModel(nn.Module):
             sees_cache = torch.arange(C, device=dev) < seen.to(dev)[b[:, :, 0], seg_t][..., None]
             allowed = torch.cat([sees_cache, allowed], dim=2)
         keys = torch.cat([torch.arange(C, device=dev).expand(len(packs), C), pos_t], 1) if self._window() else None
+        more = {}
+        if blocks and self._blocked():
+            blocked.install()
+            more["primer_blocks"] = blocked.plan(allowed, C, self.BLOCK_QUERIES)
         out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=self._masks(allowed, pos_t, keys, tokens.dtype),
-                                             position_ids=pos_t, cache=cache, use_cache=False).last_hidden_state
+                                             position_ids=pos_t, cache=cache, use_cache=False, **more).last_hidden_state
         return out, starts
 
     def _packed_hidden(self, batch: Batch, prompts: torch.Tensor, owner: list[int]) -> torch.Tensor:
@@ -467,7 +485,8 @@ class SoftPromptModel(nn.Module):
         many options it has, and nothing is copied per option. An option's first token is
         predicted by its input's last state, shared by its options; its last (EOS) is not fed.
         The tokens the inputs begin with (their task's template; SHARE_PREFIX) join the
-        prompt's KV cache, seen by the inputs that begin with them."""
+        prompt's KV cache, seen by the inputs that begin with them. On a CPU a batch is one pack
+        (up to RANK_PACK_TOKENS), its attention run by blocks of queries (BLOCKED)."""
         p = self.prompt if prompt is None else prompt
         xs = [self._tokens(t, False) for t in inputs]
         sharing, n = self._template(xs, [len(x) - 1 for x in xs])
@@ -480,7 +499,8 @@ class SoftPromptModel(nn.Module):
         ans = [[self._tokens(o, True) for o in opts] for opts in options]
         sizes = [len(x) + sum(len(a) - 1 for a in opts) for x, opts in zip(xs, ans)]
         packs, where = [], {}  # (input, -1 or option) -> (pack, segment)
-        for k, plan in enumerate(plan_packs(sizes, [0] * len(xs), 0, self.PACK_TOKENS)):
+        most = self.RANK_PACK_TOKENS if self._blocked() else self.PACK_TOKENS
+        for k, plan in enumerate(plan_packs(sizes, [0] * len(xs), 0, most)):
             packs.append([])
             for i in plan[0][1]:
                 mine = len(packs[k])  # the input's segment
@@ -491,7 +511,7 @@ class SoftPromptModel(nn.Module):
                     if len(a) > 1:
                         where[i, o] = (k, len(packs[k]))
                         packs[k].append(Segment(a[:-1], start=start + len(xs[i]), sees=(mine,), cache=cache))
-        out, starts = self._run_packs(packs, None, cached=p)
+        out, starts = self._run_packs(packs, None, cached=p, blocks=True)
         # Each predicting position once: the input's last token, then every option's fed tokens.
         pack, index = [], []  # per predicting position
         predictor, target, option = [], [], []  # per answer token

@@ -1,0 +1,80 @@
+"""Attention over a long pack, one block of queries at a time, each over the keys it can see.
+
+A pack of many short segments (rank classification's inputs and their options) has a block
+mask: each token sees a shared KV cache (the prompt) and a few dozen tokens before it. Given that
+mask, the SDPA kernel computes the whole (S, C + S) square of scores all the same. Here the
+queries go in blocks of a few dozen rows, each against the cache's C keys and the span of the
+pack's own keys that any of its rows sees, so the work grows with S times a segment's length
+rather than S squared, and a batch's inputs need not be split into packs (and padded) to keep
+the square small. Every block runs torch's SDPA on its slices, under the same mask (what
+transformers' sdpa function runs, but for its copy of the grouped key heads), so the scores are
+those of the whole square (`tests/test_soft_prompt.py`).
+
+It is transformers' "sdpa" attention function, wrapped (`install`): a forward that passes
+`primer_blocks` gets the blocks; any other call goes to the function as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Where the queries of a (packs, S) forward go: (q0, q1, lo, hi) for each block of query
+    rows q0..q1, which see the cache's first C keys and the pack's own keys lo..hi at most."""
+
+    cached: int
+    spans: tuple[tuple[int, int, int, int], ...]
+
+
+def plan(allowed: torch.Tensor, cached: int, size: int) -> Blocks:
+    """The blocks of a boolean mask `allowed` (packs, S, cached + S): which key columns each
+    block of `size` query rows sees, over all packs."""
+    B, S, _ = allowed.shape
+    n = -(-S // size)
+    own = F.pad(allowed[:, :, cached:], (0, 0, 0, n * size - S))
+    seen = own.view(B, n, size, S).any(2).any(0)  # (n, S): a block's rows see these columns
+    cols = torch.arange(S, device=allowed.device)
+    lo = torch.where(seen, cols, S).min(1).values.tolist()
+    hi = torch.where(seen, cols + 1, 0).max(1).values.tolist()
+    spans = tuple((b * size, min(S, (b + 1) * size), min(l, h), h) for b, (l, h) in enumerate(zip(lo, hi)))
+    return Blocks(cached, spans)
+
+
+def blocked(sdpa):
+    """transformers' sdpa attention function `sdpa`, by blocks of queries where a call says so."""
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *,
+                  primer_blocks: Blocks | None = None, **kw):
+        if (primer_blocks is None or attention_mask is None or attention_mask.dtype == torch.bool
+                or kw.get("softcap") is not None or kw.get("position_bias") is not None):
+            return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+        C, outs, gqa = primer_blocks.cached, [], query.shape[1] != key.shape[1]
+        for q0, q1, lo, hi in primer_blocks.spans:
+            if lo <= C:  # little to skip before the span: the keys as one slice, no copy
+                cols = slice(0, C + hi)
+                k, v, m = key[:, :, cols], value[:, :, cols], attention_mask[:, :, q0:q1, cols]
+            else:
+                k, v = (torch.cat([x[:, :, :C], x[:, :, C + lo : C + hi]], 2) for x in (key, value))
+                m = attention_mask[:, :, q0:q1]
+                m = torch.cat([m[..., :C], m[..., C + lo : C + hi]], 3)
+            # The kernel takes the grouped heads as they are (transformers copies them per head).
+            outs.append(F.scaled_dot_product_attention(query[:, :, q0:q1], k, v, attn_mask=m, dropout_p=dropout,
+                                                       scale=scaling, enable_gqa=gqa))
+        return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
+
+    attention.primer_blocked = True
+    return attention
+
+
+def install() -> None:
+    """Wrap transformers' sdpa attention function (once per process)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if not getattr(sdpa, "primer_blocked", False):
+        AttentionInterface.register("sdpa", blocked(sdpa))
