@@ -49,7 +49,7 @@ def blocked(sdpa):
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *,
                   primer_blocks: Blocks | None = None, **kw):
-        if (primer_blocks is None or attention_mask is None or attention_mask.dtype == torch.bool
+        if (primer_blocks is None or attention_mask is None
                 or kw.get("softcap") is not None or kw.get("position_bias") is not None):
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
         C, outs, gqa = primer_blocks.cached, [], query.shape[1] != key.shape[1]
