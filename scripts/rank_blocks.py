@@ -4,7 +4,7 @@ on the bench's model and data: the scores both ways, the seconds to rank the ben
 examples in batches of 32 with the two ways taking turns, then each way's operator time under
 torch.profiler (self time: all, the attention kernel's, the matrix multiplies').
 
-  .venv/bin/python scripts/rank_blocks.py [fp32|bf16] [backbone] [queries a block, default 64]
+  .venv/bin/python scripts/rank_blocks.py [fp32|bf16] [backbone] [queries a block, default SoftPromptModel.BLOCK_QUERIES]
 """
 import sys
 import time
