@@ -167,13 +167,14 @@ class SoftPromptModel(nn.Module):
         cap = getattr(self.backbone.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    LOGPROB_ELEMENTS = 2**22  # _head_logprobs' rows at a time, in logits: 16 MB of fp32
+    LOGPROB_ELEMENTS = 2**22  # _logprobs' rows at a time, in logits: 16 MB of fp32
 
-    def _head_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """log_softmax(head(hidden)) in fp32, (N, V). Without autograd it is taken in place, a
-        few rows at a time, so a large vocabulary's (N, V) logits are held once rather than
-        twice (Gemma-3-270M's 262k words: ~100 MB for a batch of 32 inputs' predicting positions)."""
-        logits = self._head(hidden).float()
+    def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """log_softmax(logits) in fp32, (N, V). Without autograd it is taken in place (logits
+        that are already fp32 are overwritten), a few rows at a time, so a large vocabulary's
+        (N, V) logits are held once rather than twice (Gemma-3-270M's 262k words: ~100 MB for a
+        batch of 32 inputs' predicting positions)."""
+        logits = logits.float()
         if torch.is_grad_enabled():
             return torch.log_softmax(logits, -1)
         step = max(1, self.LOGPROB_ELEMENTS // logits.shape[-1])
@@ -425,7 +426,7 @@ class SoftPromptModel(nn.Module):
                         owner: list[int] | None = None) -> torch.Tensor:
         """Log-probability of every answer token, flattened in Batch.answer_ids order: (N,)."""
         logits = self.answer_logits(batch, prompt, owner)
-        return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.answer_ids[:, None]).squeeze(1)
+        return self._logprobs(logits).gather(1, batch.answer_ids[:, None]).squeeze(1)
 
     def loss(self, examples: list[Example], prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens (the first acceptable answer of each example)."""
@@ -546,7 +547,7 @@ class SoftPromptModel(nn.Module):
                 option += [n_options] * len(a)
                 n_options += 1
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
-        logp = self._head_logprobs(out[t(pack), t(index)])
+        logp = self._logprobs(self._head(out[t(pack), t(index)]))
         lp = logp[t(predictor), t(target)]
         return torch.zeros(n_options, device=out.device).index_add(0, t(option), lp)
 
@@ -577,7 +578,7 @@ class SoftPromptModel(nn.Module):
                                    position_ids=q_pos, cache=cache, use_cache=False).last_hidden_state
             predictors = torch.cat([predictors, out], dim=1)
         predictors = predictors[amask.bool()]
-        lp = self._head_logprobs(predictors).gather(1, ids[amask.bool()][:, None]).squeeze(1)
+        lp = self._logprobs(self._head(predictors)).gather(1, ids[amask.bool()][:, None]).squeeze(1)
         return torch.zeros(len(ans), device=dev).index_add(0, amask.nonzero()[:, 0], lp)
 
     @torch.no_grad()
