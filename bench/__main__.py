@@ -27,7 +27,7 @@ PARTS = ("meta", "pt", "eval", "api")
 ALGORITHMS = ("maml", "fomaml", "reptile")  # those bench/reference.py writes the paper's loop for
 SOURCES = ("sms_spam", "disaster_tweets", "sarcasm_headlines", "trec_coarse")
 TARGET = "rotten_tomatoes_sentiment"
-PARALLEL = {"auto": None, "on": True, "off": False}  # --parallel-episodes: upstream.parallel_episodes
+SETTING = {"auto": None, "on": True, "off": False}  # --batch-episodes, --parallel-episodes: upstream's
 
 
 def at_least(low: float, kind: type = int, most: float | None = None):
@@ -65,11 +65,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-input-tokens", type=at_least(8), default=64)
     p.add_argument("--batch-size", type=at_least(1), default=8, help="prompt tuning's batch")
     p.add_argument("--inner-lr", type=at_least(0, float), default=3e-5)
-    p.add_argument("--batch-episodes", action="store_true",
-                   help="primer runs each meta-batch's episodes in one forward (upstream.batch_episodes)")
-    p.add_argument("--parallel-episodes", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--batch-episodes", nargs="?", const="on", default="auto", choices=list(SETTING),
+                   help="primer runs each meta-batch's episodes in one forward (upstream.batch_episodes): auto "
+                        "(primer's default: on a CPU, MAML's 2 at a time), on (alone: on; the whole meta-batch) or off")
+    p.add_argument("--parallel-episodes", nargs="?", const="on", default="auto", choices=list(SETTING),
                    help="primer runs each meta-batch's episodes in parallel threads on a CPU (upstream.parallel_episodes): "
-                        "auto (primer's default: for MAML only), on (alone: on) or off")
+                        "auto (primer's default: off), on (alone: on) or off")
     p.add_argument("--own-prefix", action="store_true",
                    help="primer runs the tokens a batch's rows begin with (a task's template) in every row, "
                         "not once (SoftPromptModel.SHARE_PREFIX off): primer as it was before it shared them")
@@ -156,8 +157,8 @@ def setup(args):
                  meta_steps=one or args.meta_steps, pt_steps=2 if args.smoke else args.pt_steps,
                  batch_size=args.batch_size, inner_lr=args.inner_lr, eval_examples=args.eval_examples,
                  smoke=args.smoke, profile=args.profile, other=other, dtypes=(args.dtype, theirs),
-                 batch_episodes=args.batch_episodes,
-                 parallel_episodes=PARALLEL[args.parallel_episodes])
+                 batch_episodes=SETTING[args.batch_episodes],
+                 parallel_episodes=SETTING[args.parallel_episodes])
 
 
 def _ref(name: str):
@@ -171,8 +172,8 @@ def machine(args) -> dict:
 
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": args.device, "backbone": args.backbone, "dtype": args.dtype,
-            "reference_dtype": args.reference_dtype or args.dtype, "batch_episodes": args.batch_episodes,
-            "parallel_episodes": PARALLEL[args.parallel_episodes], "share_prefix": not args.own_prefix}
+            "reference_dtype": args.reference_dtype or args.dtype, "batch_episodes": SETTING[args.batch_episodes],
+            "parallel_episodes": SETTING[args.parallel_episodes], "share_prefix": not args.own_prefix}
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -14,7 +14,8 @@ from bench import reference
 from bench.measure import Timing, measure
 from core.algorithms.episodes import TaskEpisodes
 from core.algorithms.pt import make_optimizer
-from core.algorithms.upstream import ALGORITHMS, UpstreamConfig, episode_threads, meta_grad, meta_train
+from core.algorithms.upstream import (ALGORITHMS, UpstreamConfig, episode_threads, episodes_per_forward, meta_grad,
+                                      meta_train)
 from core.backbones.soft_prompt import SoftPromptModel
 from core.tasks.base import Example, Split
 
@@ -43,7 +44,7 @@ class Setup:
     profile: bool = False  # after timing, run each implementation once more under torch.profiler
     other: SoftPromptModel | None = None  # the reference implementations' backbone, if in another precision
     dtypes: tuple[str, str] = ("fp32", "fp32")  # primer's, the reference implementations'
-    batch_episodes: bool = False  # primer's meta-batch in one forward
+    batch_episodes: bool | None = None  # primer's meta-batch's episodes in one forward (None: primer's default)
     parallel_episodes: bool | None = None  # primer's episodes in parallel threads (None: primer's default)
 
     @property
@@ -126,8 +127,8 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
             opt.zero_grad(set_to_none=True)
         return cfg.steps * cfg.meta_batch
 
-    threads = episode_threads(s.model, cfg)
-    how = "batched" if cfg.batch_episodes else f"{threads} in parallel threads" if threads > 1 else "one at a time"
+    per, threads = episodes_per_forward(s.model, cfg), episode_threads(s.model, cfg)
+    how = f"{per} in one forward" if per > 1 else f"{threads} in parallel threads" if threads > 1 else "one at a time"
     ours_t, theirs_t = _timed(s, {f"meta/{algorithm} primer": _primer_work(s, algorithm, init),
                                   f"meta/{algorithm} reference": reference_run})
     emit(_line(s, f"meta/{algorithm}", "primer", ours_t, "episodes_per_s", **check, episodes=how))

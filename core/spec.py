@@ -232,13 +232,14 @@ class UpstreamSpec(Strict):
     meta_batch: Batch | None = None
     checkpoint_every: Whole(0, MAX_STEPS) = 50
     # the meta-batch's episodes through the backbone together, one prompt copy each: the same
-    # meta-gradient (up to float rounding) from fewer, larger forward passes; false: one at a time
-    batch_episodes: bool = False
-    # on a CPU, the meta-batch's episodes in parallel threads, each with its share of the cores:
-    # the same meta-gradient up to rounding; MAML 1.11-1.17x on 2 cores, for one episode's memory
-    # per thread; the first-order methods gain little (docs/performance.md). null: on for the
-    # second-order methods (maml, metapt), at most 2 at once, off for the others; true: up to one
-    # per core; false: one at a time
+    # meta-gradient (up to float rounding) from fewer, larger forward passes. null: on a CPU, for
+    # the second-order methods (maml, metapt), 2 at a time (MAML 1.10-1.15x on 2 cores, at most
+    # twice one episode's memory), one at a time for the others and on a GPU; true: the whole
+    # meta-batch in one forward; false: one at a time (docs/performance.md)
+    batch_episodes: bool | None = None
+    # on a CPU, the meta-batch's episodes in parallel threads, each with its share of the cores,
+    # up to one per core: the same meta-gradient up to rounding, for one episode's memory per
+    # thread (what MAML ran by default before batch_episodes did); null or false: off
     parallel_episodes: bool | None = None
     # The service: take each method's finished meta-training from one of the owner's earlier jobs
     # where it had the same inputs (backbone, sources, split seeds, prompt and every upstream

@@ -108,10 +108,10 @@ def test_batched_episodes_are_checked_against_the_paper_loop_one_episode_at_a_ti
     assert lines[("machine", "-")]["batch_episodes"] is True
     for algorithm in ("maml", "fomaml", "reptile"):
         ours = lines[(f"meta/{algorithm}", "primer")]
-        assert ours["episodes"] == "batched" and ours["grad_relative_diff"] < 1e-3
+        assert ours["episodes"] == "2 in one forward" and ours["grad_relative_diff"] < 1e-3
 
 
-@pytest.mark.parametrize("flag,setting,threaded", [([], None, {"maml"}),  # primer's default: MAML only
+@pytest.mark.parametrize("flag,setting,threaded", [([], None, set()),  # primer's default: MAML 2 in one forward
                                                    (["--parallel-episodes"], True, {"maml", "fomaml", "reptile"}),
                                                    (["--parallel-episodes", "off"], False, set())])
 def test_episodes_in_parallel_threads_are_checked_against_the_paper_loop(tiny_dir, capsys, flag, setting, threaded):
@@ -127,7 +127,8 @@ def test_episodes_in_parallel_threads_are_checked_against_the_paper_loop(tiny_di
     assert lines[("machine", "-")]["parallel_episodes"] is setting
     for algorithm in ("maml", "fomaml", "reptile"):
         ours = lines[(f"meta/{algorithm}", "primer")]
-        assert ours["episodes"] == ("2 in parallel threads" if algorithm in threaded else "one at a time")
+        alone = "2 in one forward" if algorithm == "maml" else "one at a time"  # unless in threads
+        assert ours["episodes"] == ("2 in parallel threads" if algorithm in threaded else alone)
         assert ours["grad_relative_diff"] < 1e-3
 
 

@@ -125,7 +125,8 @@ def test_episodes_in_parallel_threads_give_the_gradient_of_one_at_a_time(tiny_di
     prompt = model.prompt.detach()
 
     def cfg(parallel):
-        return UpstreamConfig(algorithm, inner_lr=0.5, inner_steps=2, meta_batch=2, parallel_episodes=parallel).resolved()
+        return UpstreamConfig(algorithm, inner_lr=0.5, inner_steps=2, meta_batch=2, parallel_episodes=parallel,
+                              batch_episodes=None if parallel else False).resolved()
 
     threads, kernels = torch.get_num_threads(), torch.backends.cuda.flash_sdp_enabled()
     torch.set_num_threads(2)
@@ -142,25 +143,78 @@ def test_episodes_in_parallel_threads_give_the_gradient_of_one_at_a_time(tiny_di
         torch.set_num_threads(threads)
 
 
-def test_episodes_run_in_parallel_for_second_order_methods_or_when_asked_and_at_most_one_per_core(tiny_dir):
-    from core.algorithms.upstream import UpstreamConfig, episode_threads
+def test_how_a_meta_batch_runs_by_default_and_when_asked(tiny_dir):
+    """By default on a CPU the second-order methods run 2 episodes per forward (at most twice one
+    episode's memory, however long the meta-batch), the others one at a time; parallel threads
+    only when asked, up to one per core."""
+    from core.algorithms.upstream import UpstreamConfig, episode_threads, episodes_per_forward
 
     backbone = load(str(tiny_dir["causal"]))
     model = SoftPromptModel(backbone, init_prompt(backbone, 4, "random", seed=1))
+    way = lambda algorithm, **kw: (episodes_per_forward(model, c := UpstreamConfig(algorithm, **kw).resolved()),
+                                   episode_threads(model, c))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for algorithm, parallel, default in [("maml", 2, 2), ("metapt", 2, 2), ("fomaml", 2, 1), ("reptile", 2, 1),
-                                             ("mtl", 1, 1)]:
-            assert episode_threads(model, UpstreamConfig(algorithm).resolved()) == default, algorithm
-            assert episode_threads(model, UpstreamConfig(algorithm, parallel_episodes=True).resolved()) == parallel
-            assert episode_threads(model, UpstreamConfig(algorithm, parallel_episodes=False).resolved()) == 1
-        assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True, batch_episodes=True).resolved()) == 1
-        assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True, meta_batch=4).resolved()) == 2
-        torch.set_num_threads(8)  # the default: at most 2 at once (twice one episode's memory); asked: one per core
-        assert episode_threads(model, UpstreamConfig("maml", meta_batch=16).resolved()) == 2
-        assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True, meta_batch=16).resolved()) == 8
+        for algorithm, default in [("maml", 2), ("metapt", 2), ("fomaml", 1), ("reptile", 1), ("mtl", 1)]:
+            assert way(algorithm) == (default, 1), algorithm
+            assert way(algorithm, parallel_episodes=True) == (1, 2 if algorithm != "mtl" else 1)  # mtl: meta-batch 1
+            assert way(algorithm, batch_episodes=False) == (1, 1)
+        assert way("maml", meta_batch=5) == (2, 1)
+        assert way("fomaml", batch_episodes=True, meta_batch=5) == (5, 1)  # asked: the whole meta-batch
+        assert way("maml", parallel_episodes=True, batch_episodes=True) == (2, 1)
+        assert way("maml", parallel_episodes=True, meta_batch=4) == (1, 2)
+        torch.set_num_threads(8)
+        assert way("maml", meta_batch=16) == (2, 1)
+        assert way("maml", parallel_episodes=True, meta_batch=16) == (1, 8)
         torch.set_num_threads(1)
-        assert episode_threads(model, UpstreamConfig("maml", parallel_episodes=True).resolved()) == 1
+        assert way("maml", parallel_episodes=True) == (1, 1)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_meta_batch_in_chunks_of_two_gives_the_gradient_of_one_at_a_time(tiny_dir):
+    """MAML's default on a CPU: three episodes as 2 in one forward, then 1."""
+    from core.algorithms.upstream import UpstreamConfig, meta_grad
+
+    backbone = load(str(tiny_dir["causal"]))
+    model = SoftPromptModel(backbone, init_prompt(backbone, 4, "random", seed=1))
+    prompt = model.prompt.detach()
+    drawn = [EPISODE, OTHER, OTHER]
+    cfg = lambda batch: UpstreamConfig("maml", inner_lr=0.5, inner_steps=2, meta_batch=3, batch_episodes=batch).resolved()
+    alone, alone_losses = meta_grad(model, prompt, drawn, cfg(False))
+    chunked, losses = meta_grad(model, prompt, drawn, cfg(None))
+    assert (chunked - alone).norm() <= 1e-4 * alone.norm()
+    assert losses == pytest.approx(alone_losses, rel=1e-5)
+
+
+def test_episodes_in_one_forward_run_their_attention_a_block_per_episode(tiny_dir, monkeypatch):
+    """sdpa on a CPU: no episode's rows see another's tokens, so each layer's attention runs one
+    block per episode over that episode's keys only, in every pass of MAML (the support's, which
+    is differentiated twice, and the query's); the meta-gradient is that of the whole square."""
+    import torch.nn.functional as F
+    from types import SimpleNamespace
+
+    from core.backbones import blocked
+
+    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    model = SoftPromptModel(backbone, init_prompt(backbone, 4, "random", seed=1))
+    prompt = model.prompt.detach()
+    calls = []  # (queries, keys) of each SDPA call in a block
+
+    def spy(q, k, v, **kw):
+        calls.append((q.shape[2], k.shape[2]))
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(blocked, "F", SimpleNamespace(scaled_dot_product_attention=spy))
+    blocks, losses = maml_grad(model, prompt, [EPISODE, OTHER], 0.5, 1)
+    layers = backbone.model.config.num_hidden_layers
+    assert len(calls) == 2 * 2 * layers  # two passes (support, query), two episodes each
+    assert all(q == k for q, k in calls)  # a block's keys: its own episode's, up to its last query
+    support = calls[:2]
+    assert 4 + sum(len(model._tokens(e.input, False)) for e in EPISODE.support) <= support[0][0]  # the prompt and its rows
+    calls.clear()
+    model.BLOCKED = False
+    square, square_losses = maml_grad(model, prompt, [EPISODE, OTHER], 0.5, 1)
+    assert calls == []
+    assert (blocks - square).norm() <= 1e-5 * square.norm() and losses == pytest.approx(square_losses, rel=1e-6)

@@ -361,6 +361,7 @@ def test_a_block_sees_the_columns_of_any_of_its_rows():
     assert plan(allowed, 2, 2).spans == ((0, 2, 0, 2), (2, 4, 0, 4), (4, 6, 3, 6))
     assert plan(allowed, 2, 4).spans == ((0, 4, 0, 4), (4, 6, 3, 6))
     assert plan(allowed, 2, 6).spans == ((0, 6, 0, 6),)
+    assert plan(allowed, 2, [0, 3]).spans == ((0, 3, 0, 3), (3, 6, 1, 6))  # a block per segment, as listed
     # over two packs, a block sees what any pack's rows see
     two = torch.cat([allowed, allowed.roll(1, 1)])
     two[1, 0] = False

@@ -3,10 +3,11 @@ one outer optimizer step per meta-batch, with progress and resumable checkpoints
 
 Each algorithm is one function (model, prompt, episodes, inner_lr, inner_steps) -> (gradient
 summed over the episodes, their losses) plus the paper's defaults for it (the MPT code's run
-scripts). The loop gives it one episode at a time, as the paper; the whole meta-batch at once
-(`batch_episodes`); or, on a CPU, the episodes one each to as many threads at once, sharing the
-cores (`parallel_episodes`, the default for the second-order methods, MAML and MetaPT). All
-three give the same meta-gradient up to float rounding.
+scripts). The loop gives it one episode at a time, as the paper; several in one forward, one
+prompt copy each (`batch_episodes`: on a CPU two at a time for the second-order methods, MAML and
+MetaPT, by default; or the whole meta-batch); or, on a CPU, the episodes one each to as many
+threads at once, sharing the cores (`parallel_episodes`). All three give the same meta-gradient
+up to float rounding.
 """
 from __future__ import annotations
 
@@ -77,11 +78,12 @@ class UpstreamConfig:
     grad_clip: float | None = None
     seed: int = 0
     checkpoint_every: int = 0  # outer steps; 0: never
-    # the meta-batch's episodes in one forward, one prompt copy per episode (the same gradient)
-    batch_episodes: bool = False
-    # on a CPU, the episodes in parallel threads sharing the cores (the same gradient, with one
-    # episode's memory per thread); None: for the second-order methods only, where it pays, and
-    # at most DEFAULT_EPISODE_THREADS at once
+    # the meta-batch's episodes in one forward, one prompt copy per episode (the same gradient):
+    # True: all of them; None: on a CPU, for the second-order methods only (where it pays),
+    # DEFAULT_EPISODES_PER_FORWARD at a time, unless parallel_episodes; False: one at a time
+    batch_episodes: bool | None = None
+    # on a CPU, the episodes in parallel threads sharing the cores, up to one per thread (the
+    # same gradient, with one episode's memory per thread); None or False: off
     parallel_episodes: bool | None = None
 
     def resolved(self) -> "UpstreamConfig":
@@ -118,18 +120,26 @@ class Diverged(UserError):
         self.algorithm, self.step = algorithm, step
 
 
-# By default at most this many episodes at once (as measured, on 2 cores): at most twice one
-# episode's memory, however many cores and episodes; `parallel_episodes: true` goes up to one per core.
-DEFAULT_EPISODE_THREADS = 2
+# By default a second-order method on a CPU runs this many episodes in one forward: their
+# matrix multiplies get twice the rows for the same weights read, while the memory stays at most
+# twice one episode's, however long the meta-batch (docs/performance.md).
+DEFAULT_EPISODES_PER_FORWARD = 2
+
+
+def episodes_per_forward(model: SoftPromptModel, cfg: UpstreamConfig) -> int:
+    """How many of a resolved config's episodes go through the backbone in one forward."""
+    if cfg.batch_episodes:
+        return cfg.meta_batch
+    auto = (cfg.batch_episodes is None and not cfg.parallel_episodes and ALGORITHMS[cfg.algorithm].second_order
+            and model.backbone.device.type == "cpu")
+    return min(cfg.meta_batch, DEFAULT_EPISODES_PER_FORWARD) if auto else 1
 
 
 def episode_threads(model: SoftPromptModel, cfg: UpstreamConfig) -> int:
-    """How many of a resolved config's episodes run at once: 1, or up to one per CPU thread."""
-    parallel = ALGORITHMS[cfg.algorithm].second_order if cfg.parallel_episodes is None else cfg.parallel_episodes
-    if not parallel or cfg.batch_episodes or model.backbone.device.type != "cpu":
+    """How many of a resolved config's episodes run at once in threads: 1, or up to one per CPU thread."""
+    if not cfg.parallel_episodes or cfg.batch_episodes or model.backbone.device.type != "cpu":
         return 1
-    most = DEFAULT_EPISODE_THREADS if cfg.parallel_episodes is None else cfg.meta_batch
-    return max(1, min(cfg.meta_batch, torch.get_num_threads(), most))
+    return max(1, min(cfg.meta_batch, torch.get_num_threads()))
 
 
 @functools.cache
@@ -140,13 +150,12 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def meta_grad(model: SoftPromptModel, prompt: torch.Tensor, drawn: list, cfg: UpstreamConfig
               ) -> tuple[torch.Tensor, list[float]]:
     """The meta-batch's gradient (the algorithm's sum over its episodes) and the episodes' losses,
-    one episode at a time, all in one forward (`batch_episodes`) or in parallel threads."""
+    one episode at a time, several in one forward (`batch_episodes`) or in parallel threads."""
     algo = ALGORITHMS[cfg.algorithm]
-    if cfg.batch_episodes:
-        return algo.grad(model, prompt, drawn, cfg.inner_lr, cfg.inner_steps)
-    threads = min(episode_threads(model, cfg), len(drawn))
+    per, threads = episodes_per_forward(model, cfg), min(episode_threads(model, cfg), len(drawn))
     if threads == 1:
-        done = [algo.grad(model, prompt, [e], cfg.inner_lr, cfg.inner_steps) for e in drawn]
+        done = [algo.grad(model, prompt, drawn[i:i + per], cfg.inner_lr, cfg.inner_steps)
+                for i in range(0, len(drawn), per)]
     else:
         total = torch.get_num_threads()
         share = max(1, total // threads)

@@ -6,7 +6,10 @@ mask, the SDPA kernel computes the whole (S, C + S) square of scores all the sam
 queries go in blocks of a few dozen rows, each against the cache's C keys and the span of the
 pack's own keys that any of its rows sees, so the work grows with S times a segment's length
 rather than S squared, and a batch's inputs need not be split into packs (and padded) to keep
-the square small. Every block runs torch's SDPA on its slices, under the same mask (what
+the square small. A pack of several groups' rows, each group under its own prompt (a
+meta-batch's episodes in one forward), goes a block per group: no group sees another's tokens,
+so each takes its own keys, and the square of the pack becomes the groups' smaller squares.
+Every block runs torch's SDPA on its slices, under the same mask (what
 transformers' sdpa function runs, but for its copy of the grouped key heads), so the scores are
 those of the whole square (`tests/test_soft_prompt.py`).
 
@@ -30,17 +33,19 @@ class Blocks:
     spans: tuple[tuple[int, int, int, int], ...]
 
 
-def plan(allowed: torch.Tensor, cached: int, size: int) -> Blocks:
+def plan(allowed: torch.Tensor, cached: int, size: int | list[int]) -> Blocks:
     """The blocks of a boolean mask `allowed` (packs, S, cached + S): which key columns each
-    block of `size` query rows sees, over all packs."""
-    B, S, _ = allowed.shape
-    n = -(-S // size)
-    own = F.pad(allowed[:, :, cached:], (0, 0, 0, n * size - S))
-    seen = own.view(B, n, size, S).any(2).any(0)  # (n, S): a block's rows see these columns
+    block of `size` query rows sees, over all packs; or, if `size` lists query rows (0 first,
+    ascending), each block from one of them to the next."""
+    S = allowed.shape[1]
+    starts = list(range(0, S, size)) if isinstance(size, int) else list(size)
+    ends = starts[1:] + [S]
+    own = allowed[:, :, cached:].any(0)
+    seen = torch.stack([own[q0:q1].any(0) for q0, q1 in zip(starts, ends)])  # (n, S): a block's rows see these columns
     cols = torch.arange(S, device=allowed.device)
     lo = torch.where(seen, cols, S).min(1).values.tolist()
     hi = torch.where(seen, cols + 1, 0).max(1).values.tolist()
-    spans = tuple((b * size, min(S, (b + 1) * size), min(l, h), h) for b, (l, h) in enumerate(zip(lo, hi)))
+    spans = tuple((q0, q1, min(l, h), h) for q0, q1, l, h in zip(starts, ends, lo, hi))
     return Blocks(cached, spans)
 
 
@@ -54,8 +59,8 @@ def blocked(sdpa):
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
         C, outs, gqa = primer_blocks.cached, [], query.shape[1] != key.shape[1]
         for q0, q1, lo, hi in primer_blocks.spans:
-            if lo <= C:  # little to skip before the span: the keys as one slice, no copy
-                cols = slice(0, C + hi)
+            if lo <= C or not C:  # little to skip before the span, or no cache: the keys as one slice, no copy
+                cols = slice(lo if not C else 0, C + hi)
                 k, v, m = key[:, :, cols], value[:, :, cols], attention_mask[:, :, q0:q1, cols]
             else:
                 k, v = (torch.cat([x[:, :, :C], x[:, :, C + lo : C + hi]], 2) for x in (key, value))

@@ -273,6 +273,8 @@ class SoftPromptModel(nn.Module):
     # square: a batch's inputs go in one pack of up to RANK_PACK_TOKENS tokens, with no padding.
     # 32 queries a block ranked fastest of 16 to 128 (docs/performance.md). BLOCKED = False:
     # packs of PACK_TOKENS, each over the whole square (a GPU runs so: not measured there yet).
+    # A loss over several groups' rows (a meta-batch's episodes in one forward) runs a block per
+    # group: no group's rows see another's tokens, so each block takes its group's keys only.
     RANK_PACK_TOKENS = 2048
     BLOCK_QUERIES = 32
     BLOCKED = True
@@ -298,19 +300,20 @@ class SoftPromptModel(nn.Module):
                 and getattr(self.backbone.model.config, "_attn_implementation", None) == "sdpa")
 
     def _run_packs(self, packs: list[list[Segment]], prompts: torch.Tensor | None,
-                   cached: torch.Tensor | None = None, blocks: bool = False) -> tuple[torch.Tensor, list[list[int]]]:
+                   cached: torch.Tensor | None = None, blocks: str | None = None) -> tuple[torch.Tensor, list[list[int]]]:
         """Causal LMs: one forward over packs of segments laid end to end, each token attending
         (causally) to its own segment and to the segments it `sees`, at the positions the
         segments give. A prompt segment holds prompts[s.prompt]; `cached`, a (P, d) prompt, runs
         once in front of every pack as a shared KV cache that every token sees. `blocks`: the
-        attention runs by blocks of queries (core/backbones/blocked.py). Returns the last
+        attention runs by blocks of queries (core/backbones/blocked.py), of BLOCK_QUERIES rows
+        ("queries") or from each prompt segment to the next ("groups"). Returns the last
         hidden states (packs, S, d) and the index of each segment's first token in its pack."""
         dev = self.backbone.device
         P = 0 if prompts is None else prompts.shape[1]
         ids, pos, seg, src, starts = ([] for _ in range(5))  # per pack, per token (starts: per segment)
         M = max(map(len, packs)) + 1  # segment ids 1..M-1 in a pack; 0: padding
         sees = torch.zeros(len(packs), M, M, dtype=torch.bool)
-        sees[:, 0, 1] = True  # a padding query attends to the first segment: a row of its softmax is not all masked
+        sees[:, 0, 0] = True  # a padding query attends to the padding: a row of its softmax is not all masked
         C = 0 if cached is None else cached.shape[0]
         seen = torch.full((len(packs), M), C, dtype=torch.long)  # how much of the cache each segment sees
         for k, pack in enumerate(packs):
@@ -343,7 +346,9 @@ class SoftPromptModel(nn.Module):
         more = {}
         if blocks and self._blocked():
             blocked.install()
-            more["primer_blocks"] = blocked.plan(allowed, C, self.BLOCK_QUERIES)
+            rows = self.BLOCK_QUERIES if blocks == "queries" else sorted(
+                {0, *(starts[k][j] for k, pack in enumerate(packs) for j, s in enumerate(pack) if s.prompt >= 0)})
+            more["primer_blocks"] = blocked.plan(allowed, C, rows)
         out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=self._masks(allowed, pos_t, keys, tokens.dtype),
                                              position_ids=pos_t, cache=cache, use_cache=False, **more).last_hidden_state
         return out, starts
@@ -358,7 +363,9 @@ class SoftPromptModel(nn.Module):
         group's prompt once however many rows share it, as if its keys and values were cached,
         in the same forward. The tokens a group's rows begin with (its task's template;
         SHARE_PREFIX) run once per pack too, right after the group's prompt, and those rows go
-        on from there. Each row's last answer token (EOS) predicts nothing and is not fed."""
+        on from there. Each row's last answer token (EOS) predicts nothing and is not fed. With
+        several groups, on a CPU, the attention runs a block of queries per group, over that
+        group's keys only (BLOCKED)."""
         P = prompts.shape[1]
         answered = set(batch.answer_rows.tolist())
         sizes = [n - (r in answered) for r, n in enumerate(batch.mask.sum(1).tolist())]
@@ -392,7 +399,7 @@ class SoftPromptModel(nn.Module):
                     where[r] = (k, len(packs[k]))
                     n = shared[r]
                     packs[k].append(Segment(ids[r][n:], start=P + n, sees=sees + prefix * bool(n)))
-        out, starts = self._run_packs(packs, prompts if P else None)
+        out, starts = self._run_packs(packs, prompts if P else None, blocks="groups" if P and len(rows_of) > 1 else None)
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
         pack = t([k for k, _ in where])
         first = t([starts[k][j] - shared[r] for r, (k, j) in enumerate(where)])  # where row r's token 0 would be
@@ -526,7 +533,7 @@ class SoftPromptModel(nn.Module):
                     if len(a) > 1:
                         where[i, o] = (k, len(packs[k]))
                         packs[k].append(Segment(a[:-1], start=start + len(xs[i]), sees=(mine,), cache=cache))
-        out, starts = self._run_packs(packs, None, cached=p, blocks=True)
+        out, starts = self._run_packs(packs, None, cached=p, blocks="queries")
         # Each predicting position once: the input's last token, then every option's fed tokens.
         pack, index = [], []  # per predicting position
         predictor, target, option = [], [], []  # per answer token
