@@ -58,7 +58,17 @@ def blocked(sdpa):
                 or kw.get("softcap") is not None or kw.get("position_bias") is not None):
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
         C, outs, gqa = primer_blocks.cached, [], query.shape[1] != key.shape[1]
-        for q0, q1, lo, hi in primer_blocks.spans:
+        spans = primer_blocks.spans
+        if not C and all(lo == q0 and hi == q1 for q0, q1, lo, hi in spans):
+            # Each block takes its own rows' keys only (a pack of groups): queries, keys and values
+            # split, so that their gradients are put together by one concatenation, not summed
+            # from a zero-filled copy per block.
+            sizes = [q1 - q0 for q0, q1, _, _ in spans]
+            for (q0, q1, _, _), q, k, v in zip(spans, *(x.split(sizes, 2) for x in (query, key, value))):
+                outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[:, :, q0:q1, q0:q1],
+                                                           dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+            spans = ()
+        for q0, q1, lo, hi in spans:
             if lo <= C or not C:  # little to skip before the span, or no cache: the keys as one slice, no copy
                 cols = slice(lo if not C else 0, C + hi)
                 k, v, m = key[:, :, cols], value[:, :, cols], attention_mask[:, :, q0:q1, cols]
