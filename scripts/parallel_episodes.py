@@ -1,9 +1,10 @@
-"""Does running a meta-batch's episodes in parallel threads pay on a CPU? Seconds for one
-meta-batch's gradient (2 episodes, the bench's first) three ways, in one process, the order
-rotated every round so that none always runs after another: the paper's loop
-(bench/reference.py), primer one episode at a time on all the cores, and primer with the
-episodes in parallel threads, each with its share of the cores (upstream.parallel_episodes).
-Median of the rounds after the first. SmolLM2-135M fp32, prompt 20 or as given, input cap 64.
+"""How should a meta-batch's episodes run on a CPU? Seconds for one meta-batch's gradient (2
+episodes, the bench's first) four ways, in one process, the order rotated every round so that
+none always runs after another: the paper's loop (bench/reference.py), primer one episode at a
+time on all the cores, primer with the episodes in parallel threads, each with its share of the
+cores (upstream.parallel_episodes), and primer with both in one forward (batch_episodes; MAML's
+default on a CPU since 2026-12-07). Median of the rounds after the first. SmolLM2-135M fp32,
+prompt 20 or as given, input cap 64.
 
   .venv/bin/python scripts/parallel_episodes.py [maml,fomaml,reptile] [rounds] [prompt length]
 """
@@ -25,22 +26,25 @@ init = s.model.prompt.detach().clone()
 loss = reference.PaperLoss(s.ref, s.static_length)
 
 print("| algorithm | paper-loop+higher (s) | primer, one at a time (s) | primer, parallel threads (s) | "
-      "parallel ÷ one at a time | primer parallel ÷ paper-loop |\n|---|---|---|---|---|---|")
+      "primer, one forward (s) | parallel ÷ one at a time | one forward ÷ one at a time | "
+      "primer parallel ÷ paper-loop | primer one forward ÷ paper-loop |\n|---|---|---|---|---|---|---|---|---|")
 for algorithm in algorithms:
-    cfg = {p: UpstreamConfig(algorithm=algorithm, inner_lr=s.inner_lr, parallel_episodes=p).resolved()
-           for p in (False, True)}
-    c = cfg[False]
+    cfg = {how: UpstreamConfig(algorithm=algorithm, inner_lr=s.inner_lr, **kw).resolved()
+           for how, kw in [("alone", dict(batch_episodes=False)), ("parallel", dict(parallel_episodes=True)),
+                           ("forward", dict(batch_episodes=True))]}
+    c = cfg["alone"]
     drawn = [TaskEpisodes(s.sources, c.seed).episode(j, *c.episode_sizes()) for j in range(c.meta_batch)]
 
-    work = {"paper": lambda: [reference.episode_grad(loss, init, e, c) for e in drawn], "alone": lambda: meta_grad(s.model, init, drawn, cfg[False]),
-            "parallel": lambda: meta_grad(s.model, init, drawn, cfg[True])}
+    work = {"paper": lambda: [reference.episode_grad(loss, init, e, c) for e in drawn],
+            **{how: (lambda one: lambda: meta_grad(s.model, init, drawn, one))(one) for how, one in cfg.items()}}
     seconds = {k: [] for k in work}
     order = list(work)
     for r in range(rounds):
-        for k in order[r % 3:] + order[:r % 3]:
+        for k in order[r % 4:] + order[:r % 4]:
             start = time.perf_counter()
             work[k]()
             seconds[k].append(time.perf_counter() - start)
     med = {k: statistics.median(v[1:]) for k, v in seconds.items()}
-    print(f"| {algorithm} | {med['paper']:.3f} | {med['alone']:.3f} | {med['parallel']:.3f} | "
-          f"{med['alone'] / med['parallel']:.2f}× | {med['paper'] / med['parallel']:.2f}× |", flush=True)
+    print(f"| {algorithm} | {med['paper']:.3f} | {med['alone']:.3f} | {med['parallel']:.3f} | {med['forward']:.3f} | "
+          f"{med['alone'] / med['parallel']:.2f}× | {med['alone'] / med['forward']:.2f}× | "
+          f"{med['paper'] / med['parallel']:.2f}× | {med['paper'] / med['forward']:.2f}× |", flush=True)

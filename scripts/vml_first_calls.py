@@ -5,7 +5,7 @@ MKL 2024.2 picks a VML function's kernel on its first call, and first calls made
 two threads can run one of them on the low-accuracy kernel (~1000 ulp; pytorch/pytorch#188792).
 Without warm_vml a fresh process's first cos, sin and exp are the two MAML episode threads' own
 (gdb, breakpoints on vmsCos/vmsSin/vmsExp). This runs tests/test_service.py's spec (tiny model,
-MAML, 2 episodes in parallel threads) on step 1 three times: as it is, with that first forward's
+MAML) with its 2 episodes in parallel threads (MAML's default until 2026-12-07) on step 1 three times: as it is, with that first forward's
 cos and sin in episode thread 1 off by a relative 1e-4 (random sign), and with 1e-7 (rounding):
 the step-1 losses, and the shift of the second episode's.
 
@@ -28,7 +28,7 @@ from tests import tiny  # noqa: E402
 from tests.test_service import spec  # noqa: E402
 
 with tempfile.TemporaryDirectory() as tmp:
-    fields = spec() | {"backbone": str(tiny.save("causal", Path(tmp) / "tiny"))}
+    fields = spec(parallel_episodes=True) | {"backbone": str(tiny.save("causal", Path(tmp) / "tiny"))}
     job = parse_spec(fields)
     prep = prepare(job, lambda e: None, load)
     cfg = upstream_config(job, "maml").resolved()

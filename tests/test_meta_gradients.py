@@ -191,7 +191,8 @@ def test_a_meta_batch_in_chunks_of_two_gives_the_gradient_of_one_at_a_time(tiny_
 def test_episodes_in_one_forward_run_their_attention_a_block_per_episode(tiny_dir, monkeypatch):
     """sdpa on a CPU: no episode's rows see another's tokens, so each layer's attention runs one
     block per episode over that episode's keys only, in every pass of MAML (the support's, which
-    is differentiated twice, and the query's); the meta-gradient is that of the whole square."""
+    is differentiated twice, and the query's), the episodes in one pack however short PACK_TOKENS
+    (no prompt runs twice); the meta-gradient is that of the whole square of packs of PACK_TOKENS."""
     import torch.nn.functional as F
     from types import SimpleNamespace
 
@@ -207,6 +208,7 @@ def test_episodes_in_one_forward_run_their_attention_a_block_per_episode(tiny_di
         return F.scaled_dot_product_attention(q, k, v, **kw)
 
     monkeypatch.setattr(blocked, "F", SimpleNamespace(scaled_dot_product_attention=spy))
+    model.PACK_TOKENS = 1  # a pack per row, were the attention not by blocks
     blocks, losses = maml_grad(model, prompt, [EPISODE, OTHER], 0.5, 1)
     layers = backbone.model.config.num_hidden_layers
     assert len(calls) == 2 * 2 * layers  # two passes (support, query), two episodes each
@@ -217,4 +219,5 @@ def test_episodes_in_one_forward_run_their_attention_a_block_per_episode(tiny_di
     model.BLOCKED = False
     square, square_losses = maml_grad(model, prompt, [EPISODE, OTHER], 0.5, 1)
     assert calls == []
-    assert (blocks - square).norm() <= 1e-5 * square.norm() and losses == pytest.approx(square_losses, rel=1e-6)
+    # float rounding only: other shapes (the tiny model's large weights amplify it, as above)
+    assert (blocks - square).norm() <= 1e-4 * square.norm() and losses == pytest.approx(square_losses, rel=1e-5)

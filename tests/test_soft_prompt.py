@@ -285,7 +285,7 @@ def test_prompt_width_must_match_the_backbone(tiny_backbone):
 # Packed, the attention runs by blocks of queries over one pack (core/backbones/blocked.py), or
 # over the whole square of each pack. LOGPROB_ELEMENTS=1: the log-softmax one row at a time.
 OPTION_LAYOUTS = {"packed, one pack, blocks of 4 queries": dict(BLOCK_QUERIES=4, LOGPROB_ELEMENTS=1),
-                  "packed, an input per pack, blocks of 4 queries": dict(BLOCK_QUERIES=4, RANK_PACK_TOKENS=1),
+                  "packed, an input per pack, blocks of 4 queries": dict(BLOCK_QUERIES=4, BLOCKED_PACK_TOKENS=1),
                   "packed, one pack, the whole square": dict(BLOCKED=False, PACK_TOKENS=10**6),
                   "packed, an input per pack, the whole square": dict(BLOCKED=False, PACK_TOKENS=1),
                   "input cache, prompt KV cache shared": dict(PACK=False, PROMPT_CACHE_ROWS=1),

@@ -270,12 +270,13 @@ class SoftPromptModel(nn.Module):
     PACK = True  # False: pad the rows instead (for comparison)
     # Rank classification's packs run their attention by blocks of BLOCK_QUERIES queries
     # (core/backbones/blocked.py; sdpa on a CPU), whose cost grows with a pack's length, not its
-    # square: a batch's inputs go in one pack of up to RANK_PACK_TOKENS tokens, with no padding.
-    # 32 queries a block ranked fastest of 16 to 128 (docs/performance.md). BLOCKED = False:
-    # packs of PACK_TOKENS, each over the whole square (a GPU runs so: not measured there yet).
-    # A loss over several groups' rows (a meta-batch's episodes in one forward) runs a block per
-    # group: no group's rows see another's tokens, so each block takes its group's keys only.
-    RANK_PACK_TOKENS = 2048
+    # square: a batch's inputs go in one pack of up to BLOCKED_PACK_TOKENS tokens, with no padding.
+    # 32 queries a block ranked fastest of 16 to 128 (docs/performance.md). A loss over several
+    # groups' rows (a meta-batch's episodes in one forward) runs a block per group, whose rows see
+    # no other group's tokens, and its groups too go in one pack of up to BLOCKED_PACK_TOKENS: a
+    # group's prompt is not run again in a second pack. BLOCKED = False: packs of PACK_TOKENS,
+    # each over the whole square (a GPU runs so: not measured there yet).
+    BLOCKED_PACK_TOKENS = 2048
     BLOCK_QUERIES = 32
     BLOCKED = True
     # Rows that begin with the same tokens (a task's template, "Is this SMS message spam or ham?
@@ -365,7 +366,7 @@ class SoftPromptModel(nn.Module):
         SHARE_PREFIX) run once per pack too, right after the group's prompt, and those rows go
         on from there. Each row's last answer token (EOS) predicts nothing and is not fed. With
         several groups, on a CPU, the attention runs a block of queries per group, over that
-        group's keys only (BLOCKED)."""
+        group's keys only, and the groups share one pack of up to BLOCKED_PACK_TOKENS (BLOCKED)."""
         P = prompts.shape[1]
         answered = set(batch.answer_rows.tolist())
         sizes = [n - (r in answered) for r, n in enumerate(batch.mask.sum(1).tolist())]
@@ -384,7 +385,9 @@ class SoftPromptModel(nn.Module):
                 shared[rows[i]] = n
         rest = [n - shared[r] for r, n in enumerate(sizes)]
         packs, where = [], [(0, 0)] * len(sizes)  # each row's (pack, segment)
-        for k, plan in enumerate(plan_packs(rest, owner, {g: P + len(c) for g, c in common.items()}, self.PACK_TOKENS)):
+        by_group = P and len(rows_of) > 1 and self._blocked()
+        most = self.BLOCKED_PACK_TOKENS if by_group else self.PACK_TOKENS
+        for k, plan in enumerate(plan_packs(rest, owner, {g: P + len(c) for g, c in common.items()}, most)):
             packs.append([])
             for g, rows in plan:
                 sees = ()
@@ -399,7 +402,7 @@ class SoftPromptModel(nn.Module):
                     where[r] = (k, len(packs[k]))
                     n = shared[r]
                     packs[k].append(Segment(ids[r][n:], start=P + n, sees=sees + prefix * bool(n)))
-        out, starts = self._run_packs(packs, prompts if P else None, blocks="groups" if P and len(rows_of) > 1 else None)
+        out, starts = self._run_packs(packs, prompts if P else None, blocks="groups" if by_group else None)
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
         pack = t([k for k, _ in where])
         first = t([starts[k][j] - shared[r] for r, (k, j) in enumerate(where)])  # where row r's token 0 would be
@@ -508,7 +511,7 @@ class SoftPromptModel(nn.Module):
         predicted by its input's last state, shared by its options; its last (EOS) is not fed.
         The tokens the inputs begin with (their task's template; SHARE_PREFIX) join the
         prompt's KV cache, seen by the inputs that begin with them. On a CPU a batch is one pack
-        (up to RANK_PACK_TOKENS), its attention run by blocks of queries (BLOCKED)."""
+        (up to BLOCKED_PACK_TOKENS), its attention run by blocks of queries (BLOCKED)."""
         p = self.prompt if prompt is None else prompt
         xs = [self._tokens(t, False) for t in inputs]
         sharing, n = self._template(xs, [len(x) - 1 for x in xs])
@@ -521,7 +524,7 @@ class SoftPromptModel(nn.Module):
         ans = [[self._tokens(o, True) for o in opts] for opts in options]
         sizes = [len(x) + sum(len(a) - 1 for a in opts) for x, opts in zip(xs, ans)]
         packs, where = [], {}  # (input, -1 or option) -> (pack, segment)
-        most = self.RANK_PACK_TOKENS if self._blocked() else self.PACK_TOKENS
+        most = self.BLOCKED_PACK_TOKENS if self._blocked() else self.PACK_TOKENS
         for k, plan in enumerate(plan_packs(sizes, [0] * len(xs), 0, most)):
             packs.append([])
             for i in plan[0][1]:
