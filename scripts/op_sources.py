@@ -4,9 +4,10 @@ transformers that dispatched it (for the backward passes autograd runs, the algo
 that called autograd.grad), with the time each operator itself took (the dispatch mode's
 own Python is not in it); then the time by operator. After one untimed episode, so no first-call costs are in it,
 and five timed without the mode: their median less the operators' time is what the episode spends
-outside them (Python, the dispatcher, autograd's bookkeeping).
+outside them (Python, the dispatcher, autograd's bookkeeping). With a second argument n, the
+bench's first n episodes in one forward (upstream.batch_episodes) instead of its first episode.
 
-  .venv/bin/python scripts/op_sources.py [algorithm]
+  .venv/bin/python scripts/op_sources.py [algorithm] [episodes in one forward, default 1]
 """
 import collections
 import sys
@@ -25,7 +26,8 @@ algorithm = sys.argv[1] if len(sys.argv) > 1 else "maml"
 s = setup(parse(["--parts", "meta"]))
 init = s.model.prompt.detach().clone()
 cfg = UpstreamConfig(algorithm=algorithm, inner_lr=s.inner_lr).resolved()
-episode = TaskEpisodes(s.sources, cfg.seed).episode(0, *cfg.episode_sizes())
+together = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+drawn = [TaskEpisodes(s.sources, cfg.seed).episode(j, *cfg.episode_sizes()) for j in range(together)]
 calls, spent = collections.Counter(), collections.Counter()  # per (source, operator): calls, seconds
 
 
@@ -52,7 +54,7 @@ class Sources(TorchDispatchMode):
 
 
 def run():
-    ALGORITHMS[algorithm].grad(s.model, init, [episode], cfg.inner_lr, cfg.inner_steps)
+    ALGORITHMS[algorithm].grad(s.model, init, drawn, cfg.inner_lr, cfg.inner_steps)
 
 
 run()
