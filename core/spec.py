@@ -233,7 +233,7 @@ class UpstreamSpec(Strict):
     checkpoint_every: Whole(0, MAX_STEPS) = 50
     # the meta-batch's episodes through the backbone together, one prompt copy each: the same
     # meta-gradient (up to float rounding) from fewer, larger forward passes. null: on a CPU, for
-    # the second-order methods (maml, metapt), 2 at a time (MAML 1.10-1.15x on 2 cores, at most
+    # the second-order methods (maml, metapt), 2 at a time (MAML 1.20x on 2 Xeon cores, at most
     # twice one episode's memory), one at a time for the others and on a GPU; true: the whole
     # meta-batch in one forward; false: one at a time (docs/performance.md)
     batch_episodes: bool | None = None
