@@ -2,7 +2,7 @@
 alone, after one warm-up), measured as the bench measures a CPU figure's peak: the largest rise
 of the resident set, every allocation over 64 KiB mmapped so that freeing it shows.
 
-  .venv/bin/python scripts/rank_peak.py [backbone]
+  .venv/bin/python scripts/rank_peak.py [backbone] [fp32|bf16]
 """
 import sys
 import time
@@ -15,7 +15,8 @@ from bench.__main__ import parse, setup  # noqa: E402
 from bench.measure import PeakMemory, fixed_allocator, live_resident_set  # noqa: E402
 
 backbone = sys.argv[1] if len(sys.argv) > 1 else "gemma3-270m"
-s = setup(parse(["--parts", "eval", "--backbone", backbone]))
+dtype = sys.argv[2] if len(sys.argv) > 2 else "fp32"
+s = setup(parse(["--parts", "eval", "--backbone", backbone, "--dtype", dtype]))
 examples, options = s.test[:128], [s.options] * 128
 fixed_allocator()
 with torch.no_grad():
@@ -24,4 +25,4 @@ with torch.no_grad():
         t = time.perf_counter()
         with live_resident_set(), PeakMemory(torch.device("cpu")) as mem:
             s.model.rank(examples, options, 32)
-        print(f"{backbone}: peak {mem.peak / 2**20:.1f} MB, {time.perf_counter() - t:.2f} s", flush=True)
+        print(f"{backbone} {dtype}: peak {mem.peak / 2**20:.1f} MB, {time.perf_counter() - t:.2f} s", flush=True)
