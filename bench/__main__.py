@@ -1,8 +1,8 @@
 """python -m bench: primer against the MPT paper's training loop and PEFT, side by side in one
 run on one backbone, batch, prompt length and sequence lengths. One JSON line per figure on
 stdout, then a table (docs/performance.md holds the measured figures and how they were taken).
-Each meta algorithm, prompt tuning and evaluation run in a fresh process of their own, so that
-no figure's peak memory depends on what ran before it.
+Each meta algorithm, prompt tuning and evaluation run in a fresh process of their own; peak
+memory is the live tensors' (bench/measure.py), on a CPU as on a GPU.
 
   python -m bench                         # SmolLM2-135M, real task data, every model-side figure
   python -m bench --parts meta --repeats 5
@@ -181,7 +181,7 @@ def machine(args) -> dict:
 
 def table(lines: list[dict]) -> str:
     """Markdown: one row per figure and implementation, primer's ratio to the other."""
-    rows = ["| figure | implementation | rate | peak MB | check | primer ÷ other |", "|---|---|---|---|---|---|"]
+    rows = ["| figure | implementation | rate | peak MB (of) | check | primer ÷ other |", "|---|---|---|---|---|---|"]
     rate_keys = ("episodes_per_s", "steps_per_s", "examples_per_s", "requests_per_s")
     by_figure: dict[str, dict[str, dict]] = {}
     for line in lines:
@@ -203,8 +203,8 @@ def table(lines: list[dict]) -> str:
             unit = key.replace("_per_s", "/s") if key else ""
             impl = f"{impl} ({line['dtype']})" if "dtype" in line else impl
             rate_text = f"{rate if rate is not None else '—'} {unit}".strip()
-            rows.append(f"| {figure} | {impl} | {rate_text} | "
-                        f"{line.get('peak_mb') if line.get('peak_mb') is not None else '—'} | {check} | {ratio} |")
+            peak = f"{line['peak_mb']} ({line['peak_of']})" if line.get("peak_mb") is not None else "—"
+            rows.append(f"| {figure} | {impl} | {rate_text} | {peak} | {check} | {ratio} |")
     return "\n".join(rows)
 
 

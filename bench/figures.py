@@ -63,13 +63,15 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _timed(s: Setup, works: dict[str, Callable[[], int]]) -> list[Timing | None]:
-    """Both sides of a figure (profile name -> work), timed taking turns (bench.measure)."""
+def _timed(s: Setup, works: dict[str, Callable[[], int]], resident: bool = False) -> list[Timing | None]:
+    """Both sides of a figure (profile name -> work), timed taking turns (bench.measure); the peak
+    by the resident set if `resident` (primer's episodes in threads of their own)."""
     if s.smoke:
         for work in works.values():
             work()
         return [None] * len(works)
-    timings = measure(list(works.values()), s.model.backbone.device, s.warmup, s.repeats, names=list(works))
+    timings = measure(list(works.values()), s.model.backbone.device, s.warmup, s.repeats, names=list(works),
+                      resident=resident)
     for name, work in works.items() if s.profile else ():
         profile(work, s.model.backbone.device, name)
     return timings
@@ -88,7 +90,7 @@ def profile(work: Callable[[], int], device: torch.device, name: str, rows: int 
 
 
 def _line(s: Setup, figure: str, impl: str, t: Timing | None, unit: str, **extra) -> dict:
-    timing = {unit: round(t.per_second, 3), "peak_mb": round(t.peak_mb, 1), "items": t.items,
+    timing = {unit: round(t.per_second, 3), "peak_mb": round(t.peak_mb, 1), "peak_of": t.peak_of, "items": t.items,
               "seconds": [round(x, 3) for x in t.seconds]} if t else {unit: None, "peak_mb": None}
     dtype = s.dtypes[0 if impl == "primer" else 1]
     return {"figure": figure, "impl": impl, **timing, "dtype": dtype, **extra}
@@ -130,7 +132,7 @@ def meta(s: Setup, algorithm: str, emit: Emit) -> None:
     per, threads = episodes_per_forward(s.model, cfg), episode_threads(s.model, cfg)
     how = f"{per} in one forward" if per > 1 else f"{threads} in parallel threads" if threads > 1 else "one at a time"
     ours_t, theirs_t = _timed(s, {f"meta/{algorithm} primer": _primer_work(s, algorithm, init),
-                                  f"meta/{algorithm} reference": reference_run})
+                                  f"meta/{algorithm} reference": reference_run}, resident=threads > 1)
     emit(_line(s, f"meta/{algorithm}", "primer", ours_t, "episodes_per_s", **check, episodes=how))
     emit(_line(s, f"meta/{algorithm}", "paper-loop+higher", theirs_t, "episodes_per_s", **check))
 

@@ -1,11 +1,19 @@
 """Timing and peak memory: warm-up, then the median of several timed repeats, the two sides of a
-figure taking turns; then peak memory, as the largest rise of the CUDA allocator (GPU) or of the
-process's resident set (CPU) over one more run of the same work.
+figure taking turns; then peak memory, over one more run of the same work, as the largest rise
+of the bytes held by live tensors: the CUDA allocator's count on a GPU, and on a CPU the running
+total of every allocation and free by torch's CPU allocator, as torch.profiler records them
+(profile_memory). That run is slower (the profiler records every operator), so it is never the
+timed one.
 
-On CPU the resident set only follows the live tensors if freed blocks go back to the system:
-glibc keeps small and medium frees in its heap, so for the memory run every block over 64 KiB
-is taken from mmap (mallopt M_MMAP_THRESHOLD) and the resident set is sampled every
-millisecond. That run is slower (page faults), so it is never the timed one.
+Not the process's resident set: glibc keeps freed blocks in its heap, and a run that reuses the
+free chunks an earlier run left (their pages released by malloc_trim) raises the resident set
+when it touches them and does not lower it when it frees them, so that peak counted what ran
+before (ranking's bf16 peak: 79 MB fresh, 174-210 MB after the evaluation figure's prompt
+tuning; scripts/rank_peak.py). The profiler sees only the threads it was started in (and the
+intra-op threads they launch), so work that runs Python threads of its own (primer's
+upstream.parallel_episodes) is measured by the resident set still (`resident=True`): every block
+over 64 KiB mmapped (mallopt M_MMAP_THRESHOLD) so that freeing it shows, sampled every
+millisecond.
 """
 from __future__ import annotations
 
@@ -66,20 +74,27 @@ def live_resident_set():
 
 
 class PeakMemory:
-    """Bytes above the starting level at the highest point inside the `with` block."""
+    """Bytes above the starting level at the highest point inside the `with` block (`peak`), and
+    what counted them (`of`): the CUDA allocator's live tensors on a GPU; on a CPU the live
+    tensors by torch.profiler's allocation records, or with `resident` the resident set."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, resident: bool = False):
         self.device, self.peak = device, 0
+        self.of = ("cuda tensors" if device.type == "cuda" else "resident set" if resident else "tensors")
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
-            return self
-        self.start, self.top, self.running = rss(), rss(), True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
+        elif self.of == "tensors":
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                   profile_memory=True)
+            self.profiler.__enter__()
+        else:
+            self.start, self.top, self.running = rss(), rss(), True
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
         return self
 
     def _sample(self) -> None:
@@ -91,10 +106,25 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.start
-            return
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.top, rss()) - self.start
+        elif self.of == "tensors":
+            self.profiler.__exit__(*exc)
+            self.peak = tensor_peak(self.profiler.profiler.kineto_results.events())
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.top, rss()) - self.start
+
+
+def tensor_peak(events) -> int:
+    """The highest running total of the profiler's allocation records (`[memory]` events: + bytes
+    allocated, - bytes freed), in time order. A tensor made before the profiler started and freed
+    inside has no record (torch warns once), so such a free does not lower the total: if
+    anything, the peak is overstated by it."""
+    total = top = 0
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        total += e.nbytes()
+        top = max(top, total)
+    return top
 
 
 @dataclass
@@ -103,16 +133,18 @@ class Timing:
     seconds: list[float]  # each repeat
     items: int  # per repeat
     peak_mb: float  # the peak above the level before the work
+    peak_of: str  # what counted it (PeakMemory.of)
 
 
 def measure(works: list[Callable[[], int]], device: torch.device, warmup: int, repeats: int,
-            names: list[str] | None = None) -> list[Timing]:
+            names: list[str] | None = None, resident: bool = False) -> list[Timing]:
     """The implementations of one figure, timed in turn: each `work()` does a fixed amount of work
     and returns how many items it did. After every one's warm-up, each round runs them all, in
     the order given and in reverse on alternate rounds (A B, B A, A B, ...), so that a machine
     whose speed drifts during the run (by 10-30 % on these shared machines) slows or speeds both
-    alike instead of whichever ran last. Then each one's peak memory, in a run of its own. With
-    `names`, a line to stderr as each run ends: a figure's runs can take minutes."""
+    alike instead of whichever ran last. Then each one's peak memory, in a run of its own (on a CPU
+    by the resident set if `resident`: see PeakMemory). With `names`, a line to stderr as each
+    run ends: a figure's runs can take minutes."""
     def said(i: int, what: str, start: float) -> None:
         if names:
             print(f"{names[i]}: {what} in {time.perf_counter() - start:.2f} s", file=sys.stderr, flush=True)
@@ -136,10 +168,12 @@ def measure(works: list[Callable[[], int]], device: torch.device, warmup: int, r
     timings = []
     for i, work in enumerate(works):
         start = time.perf_counter()
-        with live_resident_set() if device.type == "cpu" else contextlib.nullcontext(), PeakMemory(device) as mem:
+        by_rss = resident and device.type == "cpu"
+        with live_resident_set() if by_rss else contextlib.nullcontext(), PeakMemory(device, by_rss) as mem:
             work()
-        said(i, "the run for peak memory", start)
-        timings.append(Timing(items[i] / statistics.median(seconds[i]), seconds[i], items[i], mem.peak / 2**20))
+        said(i, f"the run for peak memory ({mem.of})", start)
+        timings.append(Timing(items[i] / statistics.median(seconds[i]), seconds[i], items[i], mem.peak / 2**20,
+                              mem.of))
     return timings
 
 

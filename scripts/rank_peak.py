@@ -1,6 +1,7 @@
 """Peak memory and seconds of ranking the bench's 128 test examples in batches of 32 (primer
-alone, after one warm-up), measured as the bench measures a CPU figure's peak: the largest rise
-of the resident set, every allocation over 64 KiB mmapped so that freeing it shows.
+alone, after one warm-up), two ways: the largest rise of the live tensors' bytes (the bench's
+CPU peak since 2026-12-07) and of the resident set, every allocation over 64 KiB mmapped so
+that freeing it shows (the bench's CPU peak before).
 
 With a third argument, again after the 30 steps of prompt tuning that the bench's evaluation
 figure runs first: does the peak depend on what ran before it in the process? `plain`: the
@@ -31,12 +32,13 @@ fixed_allocator()
 
 
 def peaks(when: str) -> None:
-    for r in range(2):
+    for resident in (False, False, True, True):
         t = time.perf_counter()
-        with torch.no_grad(), live_resident_set(), PeakMemory(torch.device("cpu")) as mem:
+        with (torch.no_grad(), live_resident_set() if resident else contextlib.nullcontext(),
+              PeakMemory(torch.device("cpu"), resident) as mem):
             s.model.rank(examples, options, 32)
-        print(f"{backbone} {dtype}, {when}: peak {mem.peak / 2**20:.1f} MB, {time.perf_counter() - t:.2f} s "
-              f"(resident set {rss() / 2**20:.0f} MB)", flush=True)
+        print(f"{backbone} {dtype}, {when}: peak of the {mem.of} {mem.peak / 2**20:.1f} MB, "
+              f"{time.perf_counter() - t:.2f} s (resident set {rss() / 2**20:.0f} MB)", flush=True)
 
 
 with torch.no_grad():

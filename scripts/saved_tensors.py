@@ -45,7 +45,7 @@ with mode():
     meta_grad(s.model, init, [episode], cfg)  # warm-up
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         meta_grad(s.model, init, [episode], cfg)
-    with live_resident_set(), PeakMemory(torch.device("cpu")) as mem:
+    with live_resident_set(), PeakMemory(torch.device("cpu"), resident=True) as mem:
         meta_grad(s.model, init, [episode], cfg)
     with Dispatched() as ops:
         meta_grad(s.model, init, [episode], cfg)

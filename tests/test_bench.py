@@ -1,5 +1,6 @@
 """The benchmark harness at tiny size (issue 6): every figure's code path runs once, the
 reference implementations are checked equal to primer's on the way, nothing is timed."""
+import contextlib
 import json
 
 import pytest
@@ -204,6 +205,40 @@ def test_the_two_sides_of_a_figure_take_turns_so_that_a_drifting_machine_weighs_
     assert len(ours.seconds) == len(theirs.seconds) == 3 and ours.items == theirs.items == 6
 
 
+def test_a_cpu_peak_counts_the_live_tensors_whatever_the_heap_holds_from_before():
+    import ctypes
+
+    import torch
+
+    from bench.measure import PeakMemory, fixed_allocator, live_resident_set
+
+    def work():
+        a, b = torch.ones(2**20), torch.ones(2**21)  # 4 + 8 MiB live
+        del a
+        c = torch.ones(2**20)  # 12 MiB again
+        del b, c
+        return torch.ones(2**19)  # 2 MiB, still live at the end
+
+    def peak(resident=False):
+        with live_resident_set() if resident else contextlib.nullcontext(), \
+                PeakMemory(torch.device("cpu"), resident) as mem:
+            kept = work()
+        del kept
+        return mem
+
+    fresh = peak()
+    assert fresh.of == "tensors" and fresh.peak == 12 * 2**20
+    # as the timed runs leave it: blocks under 32 MiB kept in glibc's heap when freed, then their pages
+    # released (the bench's resident-set peak reused them and counted them again)
+    fixed_allocator()
+    churn = [torch.ones(2**22) for _ in range(8)]
+    del churn
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    assert peak().peak == fresh.peak
+    resident = peak(resident=True)  # the resident set, for work in threads the profiler does not see
+    assert resident.of == "resident set" and resident.peak > 0
+
+
 def test_a_timed_run_gives_each_side_its_own_rates_and_peak(tiny_dir, capsys):
     # not a measurement (the tiny model's timings mean nothing): the timed path's wiring
     assert main(["--backbone", str(tiny_dir["causal"]), "--parts", "pt", "--one-process", "--warmup", "0",
@@ -212,12 +247,14 @@ def test_a_timed_run_gives_each_side_its_own_rates_and_peak(tiny_dir, capsys):
     lines = {(d["figure"], d["impl"]): d for d in map(json.loads, out.splitlines())}
     for impl in ("primer", "peft"):
         line = lines[("pt", impl)]
-        assert line["steps_per_s"] > 0 and line["peak_mb"] is not None and len(line["seconds"]) == 2
+        assert line["steps_per_s"] > 0 and line["peak_mb"] > 0 and len(line["seconds"]) == 2
+        assert line["peak_of"] == "tensors"
     # progress, as each run ends: a figure's runs take minutes on a real backbone
     progress = [line.split(" in ")[0] for line in err.splitlines() if line.startswith("pt ")]
     assert progress == ["pt primer: repeat 1/2: 2 items", "pt peft: repeat 1/2: 2 items",
                         "pt peft: repeat 2/2: 2 items", "pt primer: repeat 2/2: 2 items",
-                        "pt primer: the run for peak memory", "pt peft: the run for peak memory"]
+                        "pt primer: the run for peak memory (tensors)",
+                        "pt peft: the run for peak memory (tensors)"]
 
 
 @pytest.mark.parametrize("rate", [0.0, 1.0])
