@@ -76,11 +76,12 @@ def live_resident_set():
 class PeakMemory:
     """Bytes above the starting level at the highest point inside the `with` block (`peak`), and
     what counted them (`of`): the CUDA allocator's live tensors on a GPU; on a CPU the live
-    tensors by torch.profiler's allocation records, or with `resident` the resident set."""
+    tensors by torch.profiler's allocation records, or with `resident` the resident set (inside
+    live_resident_set)."""
 
     def __init__(self, device: torch.device, resident: bool = False):
         self.device, self.peak = device, 0
-        self.of = ("cuda tensors" if device.type == "cuda" else "resident set" if resident else "tensors")
+        self.of = "cuda tensors" if device.type == "cuda" else "resident set" if resident else "tensors"
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -92,6 +93,8 @@ class PeakMemory:
                                                    profile_memory=True)
             self.profiler.__enter__()
         else:
+            self.heap = live_resident_set()
+            self.heap.__enter__()
             self.start, self.top, self.running = rss(), rss(), True
             self.thread = threading.Thread(target=self._sample, daemon=True)
             self.thread.start()
@@ -113,6 +116,7 @@ class PeakMemory:
             self.running = False
             self.thread.join()
             self.peak = max(self.top, rss()) - self.start
+            self.heap.__exit__(*exc)
 
 
 def tensor_peak(events) -> int:
@@ -168,8 +172,7 @@ def measure(works: list[Callable[[], int]], device: torch.device, warmup: int, r
     timings = []
     for i, work in enumerate(works):
         start = time.perf_counter()
-        by_rss = resident and device.type == "cpu"
-        with live_resident_set() if by_rss else contextlib.nullcontext(), PeakMemory(device, by_rss) as mem:
+        with PeakMemory(device, resident) as mem:
             work()
         said(i, f"the run for peak memory ({mem.of})", start)
         timings.append(Timing(items[i] / statistics.median(seconds[i]), seconds[i], items[i], mem.peak / 2**20,

@@ -34,8 +34,7 @@ fixed_allocator()
 def peaks(when: str) -> None:
     for resident in (False, False, True, True):
         t = time.perf_counter()
-        with (torch.no_grad(), live_resident_set() if resident else contextlib.nullcontext(),
-              PeakMemory(torch.device("cpu"), resident) as mem):
+        with torch.no_grad(), PeakMemory(torch.device("cpu"), resident) as mem:
             s.model.rank(examples, options, 32)
         print(f"{backbone} {dtype}, {when}: peak of the {mem.of} {mem.peak / 2**20:.1f} MB, "
               f"{time.perf_counter() - t:.2f} s (resident set {rss() / 2**20:.0f} MB)", flush=True)

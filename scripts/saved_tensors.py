@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 from bench.__main__ import parse, setup  # noqa: E402
-from bench.measure import Dispatched, PeakMemory, live_resident_set  # noqa: E402
+from bench.measure import Dispatched, PeakMemory  # noqa: E402
 from core.algorithms.episodes import TaskEpisodes  # noqa: E402
 from core.algorithms.upstream import UpstreamConfig, meta_grad  # noqa: E402
 from core.backbones.lean import stock_ops  # noqa: E402
@@ -45,7 +45,7 @@ with mode():
     meta_grad(s.model, init, [episode], cfg)  # warm-up
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         meta_grad(s.model, init, [episode], cfg)
-    with live_resident_set(), PeakMemory(torch.device("cpu"), resident=True) as mem:
+    with PeakMemory(torch.device("cpu"), resident=True) as mem:
         meta_grad(s.model, init, [episode], cfg)
     with Dispatched() as ops:
         meta_grad(s.model, init, [episode], cfg)
