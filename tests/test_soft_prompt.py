@@ -283,7 +283,7 @@ def test_prompt_width_must_match_the_backbone(tiny_backbone):
 # per pack), or as continuations of each input's KV cache, copied per option (with the prompt's
 # own KV cache shared, or the prompt concatenated in front of each input).
 # Packed, the attention runs by blocks of queries over one pack (core/backbones/blocked.py), or
-# over the whole square of each pack. LOGPROB_ELEMENTS=1: the log-softmax one row at a time.
+# over the whole square of each pack. LOGPROB_ELEMENTS=1: the logsumexp one row at a time.
 OPTION_LAYOUTS = {"packed, one pack, blocks of 4 queries": dict(BLOCK_QUERIES=4, LOGPROB_ELEMENTS=1),
                   "packed, an input per pack, blocks of 4 queries": dict(BLOCK_QUERIES=4, BLOCKED_PACK_TOKENS=1),
                   "packed, one pack, the whole square": dict(BLOCKED=False, PACK_TOKENS=10**6),
@@ -367,3 +367,32 @@ def test_a_block_sees_the_columns_of_any_of_its_rows():
     two[1, 0] = False
     two[1, 0, :2] = True
     assert plan(two, 2, 2).spans == ((0, 2, 0, 2), (2, 4, 0, 4), (4, 6, 1, 6))  # pack 2 row 4 sees its column 1
+
+
+def test_answer_log_probs_without_autograd_take_fp32_a_few_rows_at_a_time():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFloat32(TorchDispatchMode):  # the most elements of any fp32 tensor an operator makes
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+                self.most = max(self.most, out.numel())
+            return out
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(6, 50, generator=gen)).to(torch.bfloat16)  # a bf16 backbone's head
+    rows, tokens = torch.tensor([0, 0, 3, 5, 5]), torch.tensor([7, 49, 0, 12, 7])
+    expected = torch.log_softmax(logits.float(), -1)[rows, tokens]
+    model = SimpleNamespace(LOGPROB_ELEMENTS=100)  # 2 rows of 50 words at a time
+    with torch.no_grad(), LargestFloat32() as seen:
+        got = SoftPromptModel._token_logprobs(model, logits, tokens, rows)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert seen.most == 100  # never the (6, 50) logits in fp32
+    with torch.no_grad():  # row i's token i + 1
+        own = SoftPromptModel._token_logprobs(model, logits, torch.tensor([1, 2, 3, 4, 5, 6]))
+    torch.testing.assert_close(own, torch.log_softmax(logits.float(), -1)[range(6), range(1, 7)], rtol=0, atol=1e-5)
+    trained = logits.float().requires_grad_()  # with autograd: the log-softmax, differentiable
+    SoftPromptModel._token_logprobs(model, trained, tokens, rows).sum().backward()
+    assert trained.grad is not None and trained.grad[1].abs().sum() == 0  # row 1 is not read

@@ -167,20 +167,23 @@ class SoftPromptModel(nn.Module):
         cap = getattr(self.backbone.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
 
-    LOGPROB_ELEMENTS = 2**22  # _logprobs' rows at a time, in logits: 16 MB of fp32
+    LOGPROB_ELEMENTS = 2**22  # _token_logprobs' rows at a time, in logits: 16 MB of fp32
 
-    def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """log_softmax(logits) in fp32, (N, V). Without autograd it is taken in place (logits
-        that are already fp32 are overwritten), a few rows at a time, so a large vocabulary's
-        (N, V) logits are held once rather than twice (Gemma-3-270M's 262k words: ~100 MB for a
-        batch of 32 inputs' predicting positions)."""
-        logits = logits.float()
+    def _token_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor,
+                        rows: torch.Tensor | None = None) -> torch.Tensor:
+        """log_softmax(logits) in fp32 at (rows[i], tokens[i]), (M,); rows 0..N-1 by default.
+        Without autograd no (N, V) log-softmax is made: each row's logsumexp is taken a few rows
+        at a time, in fp32, and only the entries wanted are read. So a batch's logits are held
+        once, in the backbone's dtype (Gemma-3-270M's 262k words in bf16: 48 MB at a batch of 32
+        inputs' predicting positions, which a log-softmax in fp32 held twice more: ranking's peak
+        146 -> 82 MB, scripts/rank_peak.py gemma3-270m bf16)."""
         if torch.is_grad_enabled():
-            return torch.log_softmax(logits, -1)
+            logp = torch.log_softmax(logits.float(), -1)
+            return logp.gather(1, tokens[:, None]).squeeze(1) if rows is None else logp[rows, tokens]
+        rows = torch.arange(len(logits), device=logits.device) if rows is None else rows
         step = max(1, self.LOGPROB_ELEMENTS // logits.shape[-1])
-        for r in range(0, len(logits), step):
-            logits[r : r + step] = torch.log_softmax(logits[r : r + step], -1)
-        return logits
+        lse = torch.cat([torch.logsumexp(logits[r : r + step].float(), -1) for r in range(0, len(logits), step)])
+        return logits[rows, tokens].float() - lse[rows]
 
     # Where rows are padded (prediction's KV caches; losses on a backbone that cannot take a
     # packing mask), a shared prompt's KV cache pays off from this many rows on. SmolLM2-135M on
@@ -436,7 +439,7 @@ class SoftPromptModel(nn.Module):
                         owner: list[int] | None = None) -> torch.Tensor:
         """Log-probability of every answer token, flattened in Batch.answer_ids order: (N,)."""
         logits = self.answer_logits(batch, prompt, owner)
-        return self._logprobs(logits).gather(1, batch.answer_ids[:, None]).squeeze(1)
+        return self._token_logprobs(logits, batch.answer_ids)
 
     def loss(self, examples: list[Example], prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens (the first acceptable answer of each example)."""
@@ -557,8 +560,7 @@ class SoftPromptModel(nn.Module):
                 option += [n_options] * len(a)
                 n_options += 1
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
-        logp = self._logprobs(self._head(out[t(pack), t(index)]))
-        lp = logp[t(predictor), t(target)]
+        lp = self._token_logprobs(self._head(out[t(pack), t(index)]), t(target), t(predictor))
         return torch.zeros(n_options, device=out.device).index_add(0, t(option), lp)
 
     def _shared_prefix_logliks(self, inputs: list[str], rows: list[int], answers: list[str],
@@ -588,7 +590,7 @@ class SoftPromptModel(nn.Module):
                                    position_ids=q_pos, cache=cache, use_cache=False).last_hidden_state
             predictors = torch.cat([predictors, out], dim=1)
         predictors = predictors[amask.bool()]
-        lp = self._logprobs(self._head(predictors)).gather(1, ids[amask.bool()][:, None]).squeeze(1)
+        lp = self._token_logprobs(self._head(predictors), ids[amask.bool()])
         return torch.zeros(len(ans), device=dev).index_add(0, amask.nonzero()[:, 0], lp)
 
     @torch.no_grad()
