@@ -91,10 +91,11 @@ def _silu_mul_grads(grad, g, u):
 
 def _silu_mul_second(grad, g, u, grad_g, grad_u):
     s = torch.sigmoid(g)
-    rest = 1 - s
-    d1 = s * (1 + g * rest)
-    d2 = s * rest * (2 + g * (1 - 2 * s))
-    return _gated_second(grad, g * s, d1, d2, u, grad_g, grad_u)
+    a, rest = g * s, 1 - s  # silu(g), 1 - s
+    d1 = torch.addcmul(s, a, rest)  # s (1 + g (1 - s))
+    sr = s * rest
+    d2 = torch.addcmul(2 * sr, sr, torch.add(g, a, alpha=-2))  # s (1 - s) (2 + g (1 - 2 s))
+    return _gated_second(grad, a, d1, d2, u, grad_g, grad_u)
 
 
 def _gelu_mul_grads(grad, g, u):
@@ -171,7 +172,8 @@ class _RMSNormBackward(torch.autograd.Function):
 
 def _rms_grad(gy, x, w, r):
     gh, h = (gy * w).to(r.dtype), x.to(r.dtype)
-    return (r * gh - r ** 3 / x.shape[-1] * h * (h * gh).sum(-1, keepdim=True)).to(x.dtype)
+    c = r ** 3 / x.shape[-1] * (h * gh).sum(-1, keepdim=True)  # per row
+    return torch.addcmul(r * gh, h, c, value=-1).to(x.dtype)
 
 
 def _rms_second(gy, x, w, r, v):
@@ -180,8 +182,9 @@ def _rms_second(gy, x, w, r, v):
     r3n = r ** 3 / n
     vx, xg, vg = ((v * h).sum(-1, keepdim=True), (h * gh).sum(-1, keepdim=True),
                   (v * gh).sum(-1, keepdim=True))
-    d_gh = r * v - r3n * h * vx
-    d_x = (3 * r * r * r3n / n * vx * xg - r3n * vg) * h - r3n * (xg * v + vx * gh)
+    # per row: r3n, vx, xg, vg; so a row's wide terms are h, v and gh, each scaled once
+    d_gh = torch.addcmul(r * v, h, r3n * vx, value=-1)
+    d_x = torch.addcmul((3 * r * r * r3n / n * vx * xg - r3n * vg) * h, r3n, torch.addcmul(xg * v, vx, gh), value=-1)
     return (w * d_gh.to(gy.dtype)).to(gy.dtype), d_x.to(x.dtype)
 
 
