@@ -175,7 +175,7 @@ class SoftPromptModel(nn.Module):
         Without autograd no (N, V) log-softmax is made: each row's logsumexp is taken a few rows
         at a time, in fp32, and only the entries wanted are read. So a batch's logits are held
         once, in the backbone's dtype (Gemma-3-270M's 262k words in bf16: 48 MB at a batch of 32
-        inputs' predicting positions, which a log-softmax in fp32 held twice more: ranking's peak
+        inputs' predicting positions, to which an fp32 log-softmax added 96 MB: ranking's peak
         146 -> 82 MB, scripts/rank_peak.py gemma3-270m bf16)."""
         if torch.is_grad_enabled():
             logp = torch.log_softmax(logits.float(), -1)
