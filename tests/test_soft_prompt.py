@@ -369,6 +369,70 @@ def test_a_block_sees_the_columns_of_any_of_its_rows():
     assert plan(two, 2, 2).spans == ((0, 2, 0, 2), (2, 4, 0, 4), (4, 6, 1, 6))  # pack 2 row 4 sees its column 1
 
 
+def _attention_inputs(dtype):
+    """Queries of 6 heads over 2 key/value heads, under a block mask, and a gradient for the output."""
+    g = torch.Generator().manual_seed(0)
+    B, H, KH, S, D = 2, 6, 2, 9, 8
+    q, g_out = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(B, KH, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    allowed = torch.ones(S, S, dtype=torch.bool).tril()
+    allowed[5:, 1:4] = False  # a later segment does not see an earlier one
+    mask = torch.zeros(1, 1, S, S, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return [x.to(dtype).requires_grad_() for x in (q, k, v)], mask, g_out.to(dtype)
+
+
+def _attention_grads(attention, dtype):
+    (q, k, v), mask, g_out = _attention_inputs(dtype)
+    attention(q, k, v, mask).backward(g_out)
+    return [x.grad.double() for x in (q, k, v)]
+
+
+def test_attention_backward_in_plain_operators_gives_sdpas_gradients():
+    """blocked._MathBackward (bf16 training on a CPU): the flash kernel's forward, the backward
+    in plain operators, grouped key heads as they are: SDPA's own gradients in float64, and in
+    bf16 no further from those than SDPA's own bf16 backward is."""
+    from core.backbones.blocked import _MathBackward
+
+    sdpa = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+    ours = lambda q, k, v, m: _MathBackward.apply(q, k, v, m, None)
+    exact = _attention_grads(sdpa, torch.float64)
+    for a, b in zip(_attention_grads(ours, torch.float64), exact):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    error = lambda grads: max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, exact))
+    ours_bf16, sdpa_bf16 = error(_attention_grads(ours, torch.bfloat16)), error(_attention_grads(sdpa, torch.bfloat16))
+    assert 0 < ours_bf16 < max(2 * sdpa_bf16, 1e-2)
+
+
+def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir, monkeypatch):
+    """In bf16 on a CPU, a loss's attention goes through _MathBackward in every layer, and its
+    prompt gradient is SDPA's own (MATH_BACKWARD = False) up to bf16's rounding; ranking (no
+    gradient) and float32 do not go there."""
+    from core.backbones import blocked, load
+
+    calls = []
+    plain = blocked._MathBackward.apply
+    monkeypatch.setattr(blocked._MathBackward, "apply", lambda *a: calls.append(a[0].shape) or plain(*a))
+    backbone = load(str(tiny_dir["causal"]), attn="sdpa", dtype=torch.bfloat16)
+    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
+
+    def grad(math_backward: bool) -> torch.Tensor:
+        model.MATH_BACKWARD = math_backward
+        prompt = torch.nn.Parameter(model.prompt.detach().clone())
+        model.loss(TRAIN, prompt).backward()
+        return prompt.grad
+
+    theirs = grad(False)
+    assert calls == []
+    ours = grad(True)
+    assert len(calls) == backbone.model.config.num_hidden_layers
+    assert 0 < ((ours - theirs).norm() / theirs.norm()).item() < 0.05  # rounded differently, not another gradient
+    with torch.no_grad():
+        model.option_logliks([e.input for e in TRAIN], [SENTIMENT.options] * len(TRAIN))
+    fp32 = SoftPromptModel(load(str(tiny_dir["causal"]), attn="sdpa"), init_prompt(backbone, 3, "random", seed=4))
+    fp32.loss(TRAIN, torch.nn.Parameter(fp32.prompt.detach().clone())).backward()
+    assert len(calls) == backbone.model.config.num_hidden_layers
+
+
 def test_answer_log_probs_without_autograd_take_fp32_a_few_rows_at_a_time():
     from torch.utils._python_dispatch import TorchDispatchMode
 

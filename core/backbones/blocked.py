@@ -13,6 +13,11 @@ Every block runs torch's SDPA on its slices, under the same mask (what
 transformers' sdpa function runs, but for its copy of the grouped key heads), so the scores are
 those of the whole square (`tests/test_soft_prompt.py`).
 
+In bf16 on a CPU, where a gradient is wanted, each block (or the whole square, as one block:
+`whole`) runs SDPA's flash kernel forward and its backward in plain operators
+(`_MathBackward`): torch's bf16 flash backward on a CPU is the slower by far (docs/performance.md,
+"bf16 attention: the flash kernel forward, the backward in plain operators").
+
 It is transformers' "sdpa" attention function, wrapped (`install`): a forward that passes
 `primer_blocks` gets the blocks; any other call goes to the function as it was.
 """
@@ -49,6 +54,46 @@ def plan(allowed: torch.Tensor, cached: int, size: int | list[int]) -> Blocks:
     return Blocks(cached, spans)
 
 
+def whole(allowed: torch.Tensor) -> Blocks:
+    """One block: every query of a (packs, S, S) mask over every key (no KV cache)."""
+    return Blocks(0, ((0, allowed.shape[1], 0, allowed.shape[1]),))
+
+
+class _MathBackward(torch.autograd.Function):
+    """SDPA under an additive mask, no dropout: the flash kernel's forward, the backward in
+    plain operators, the softmax recomputed from the saved inputs (as the flash kernel's own
+    backward does). Its backward is itself differentiable, but MAML's support pass, which
+    differentiates it again, asks for the math kernel and does not come here (`attend`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.scale = scale if scale is not None else q.shape[-1] ** -0.5
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, mask = ctx.saved_tensors
+        B, H, S, D = q.shape
+        KH, K = k.shape[1], k.shape[2]
+        # A key head's query heads stacked as rows, (B, KH, H / KH * S, D): no copy of the keys per head.
+        qs = (q * ctx.scale).reshape(B, KH, -1, D)
+        g = grad.reshape(B, KH, -1, D)
+        p = ((qs @ k.transpose(-1, -2)).view(B, KH, -1, S, K) + mask[:, :, None]).softmax(-1)
+        ds = torch.ops.aten._softmax_backward_data((g @ v.transpose(-1, -2)).view(p.shape), p, -1, p.dtype)
+        p, ds = p.view(B, KH, -1, K), ds.view(B, KH, -1, K)
+        return (ds @ k).mul_(ctx.scale).view(B, H, S, D), ds.transpose(-1, -2) @ qs, p.transpose(-1, -2) @ g, None, None
+
+
+def attend(q, k, v, mask, dropout: float, scale: float | None, gqa: bool) -> torch.Tensor:
+    """SDPA on one block: in bf16 on a CPU with a gradient wanted, through _MathBackward, unless
+    the flash kernel is switched off (torch's flag for every device; MAML's double backward)."""
+    if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not dropout and torch.is_grad_enabled()
+            and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.backends.cuda.flash_sdp_enabled()):
+        return _MathBackward.apply(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+
+
 def blocked(sdpa):
     """transformers' sdpa attention function `sdpa`, by blocks of queries where a call says so."""
 
@@ -65,8 +110,7 @@ def blocked(sdpa):
             # from a zero-filled copy per block.
             sizes = [q1 - q0 for q0, q1, _, _ in spans]
             for (q0, q1, _, _), q, k, v in zip(spans, *(x.split(sizes, 2) for x in (query, key, value))):
-                outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask[:, :, q0:q1, q0:q1],
-                                                           dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+                outs.append(attend(q, k, v, attention_mask[:, :, q0:q1, q0:q1], dropout, scaling, gqa))
             spans = ()
         for q0, q1, lo, hi in spans:
             if lo <= C or not C:  # little to skip before the span, or no cache: the keys as one slice, no copy
@@ -77,8 +121,7 @@ def blocked(sdpa):
                 m = attention_mask[:, :, q0:q1]
                 m = torch.cat([m[..., :C], m[..., C + lo : C + hi]], 3)
             # The kernel takes the grouped heads as they are (transformers copies them per head).
-            outs.append(F.scaled_dot_product_attention(query[:, :, q0:q1], k, v, attn_mask=m, dropout_p=dropout,
-                                                       scale=scaling, enable_gqa=gqa))
+            outs.append(attend(query[:, :, q0:q1], k, v, m, dropout, scaling, gqa))
         return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
     attention.primer_blocked = True

@@ -282,6 +282,10 @@ class SoftPromptModel(nn.Module):
     BLOCKED_PACK_TOKENS = 2048
     BLOCK_QUERIES = 32
     BLOCKED = True
+    # In bf16 on a CPU, a forward that wants a gradient runs its attention through the flash
+    # kernel forward and a backward in plain operators (core/backbones/blocked.py). False: SDPA's
+    # own backward (for comparison).
+    MATH_BACKWARD = True
     # Rows that begin with the same tokens (a task's template, "Is this SMS message spam or ham?
     # Message:") run them once: a loss's rows under one prompt, once per pack, as a segment after
     # the prompt that each of them sees; rank classification's inputs, once per batch, in the
@@ -299,9 +303,11 @@ class SoftPromptModel(nn.Module):
         n = min(len(os.path.commonprefix([seqs[i] for i in rows])), *(keep[i] for i in rows))
         return (set(rows), n) if n else (set(), 0)
 
+    def _cpu_sdpa(self) -> bool:
+        return self.backbone.device.type == "cpu" and getattr(self.backbone.model.config, "_attn_implementation", None) == "sdpa"
+
     def _blocked(self) -> bool:
-        return (self.BLOCKED and self.backbone.device.type == "cpu"
-                and getattr(self.backbone.model.config, "_attn_implementation", None) == "sdpa")
+        return self.BLOCKED and self._cpu_sdpa()
 
     def _run_packs(self, packs: list[list[Segment]], prompts: torch.Tensor | None,
                    cached: torch.Tensor | None = None, blocks: str | None = None) -> tuple[torch.Tensor, list[list[int]]]:
@@ -353,6 +359,9 @@ class SoftPromptModel(nn.Module):
             rows = self.BLOCK_QUERIES if blocks == "queries" else sorted(
                 {0, *(starts[k][j] for k, pack in enumerate(packs) for j, s in enumerate(pack) if s.prompt >= 0)})
             more["primer_blocks"] = blocked.plan(allowed, C, rows)
+        elif self.MATH_BACKWARD and tokens.dtype == torch.bfloat16 and tokens.requires_grad and self._cpu_sdpa():
+            blocked.install()
+            more["primer_blocks"] = blocked.whole(allowed)
         out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=self._masks(allowed, pos_t, keys, tokens.dtype),
                                              position_ids=pos_t, cache=cache, use_cache=False, **more).last_hidden_state
         return out, starts
