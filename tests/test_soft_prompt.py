@@ -398,6 +398,8 @@ def test_attention_backward_in_plain_operators_gives_sdpas_gradients():
     exact = _attention_grads(sdpa, torch.float64)
     for a, b in zip(_attention_grads(ours, torch.float64), exact):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    (q, k, v), mask, _ = _attention_inputs(torch.float64)
+    assert torch.autograd.gradgradcheck(lambda q, k, v: ours(q, k, v, mask), (q, k, v))  # MAML differentiates it again
     error = lambda grads: max(((a - b).norm() / b.norm()).item() for a, b in zip(grads, exact))
     ours_bf16, sdpa_bf16 = error(_attention_grads(ours, torch.bfloat16)), error(_attention_grads(sdpa, torch.bfloat16))
     assert 0 < ours_bf16 < max(2 * sdpa_bf16, 1e-2)
@@ -405,32 +407,50 @@ def test_attention_backward_in_plain_operators_gives_sdpas_gradients():
 
 def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir, monkeypatch):
     """In bf16 on a CPU, a loss's attention goes through _MathBackward in every layer, and its
-    prompt gradient is SDPA's own (MATH_BACKWARD = False) up to bf16's rounding; ranking (no
-    gradient) and float32 do not go there."""
+    prompt gradient is SDPA's own (MATH_BACKWARD = ()) up to bf16's rounding; ranking (no
+    gradient) and float32 do not go there. Taken in float64, it gives SDPA's gradients,
+    MAML's meta-gradient among them (its support pass's backward differentiated again, where
+    SDPA takes the math kernel)."""
+    from core.algorithms.episodes import Episode
+    from core.algorithms.maml import maml_grad
     from core.backbones import blocked, load
 
     calls = []
     plain = blocked._MathBackward.apply
     monkeypatch.setattr(blocked._MathBackward, "apply", lambda *a: calls.append(a[0].shape) or plain(*a))
-    backbone = load(str(tiny_dir["causal"]), attn="sdpa", dtype=torch.bfloat16)
-    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
+    layers = load(str(tiny_dir["causal"])).model.config.num_hidden_layers
+    episodes = [Episode("tiny", 0, TRAIN[:2], TRAIN[2:]), Episode("tiny", 1, TRAIN[2:], TRAIN[:2])]
 
-    def grad(math_backward: bool) -> torch.Tensor:
-        model.MATH_BACKWARD = math_backward
+    def grads(model: SoftPromptModel, dtypes: tuple, maml: bool = False) -> torch.Tensor:
+        monkeypatch.setattr(blocked, "MATH_BACKWARD", dtypes)
+        calls.clear()
+        if maml:
+            return maml_grad(model, model.prompt.detach(), episodes, inner_lr=0.1, inner_steps=1)[0]
         prompt = torch.nn.Parameter(model.prompt.detach().clone())
         model.loss(TRAIN, prompt).backward()
         return prompt.grad
 
-    theirs = grad(False)
+    def model(dtype: torch.dtype) -> SoftPromptModel:
+        backbone = load(str(tiny_dir["causal"]), attn="sdpa", dtype=dtype)
+        return SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
+
+    bf16 = model(torch.bfloat16)
+    theirs = grads(bf16, ())
     assert calls == []
-    ours = grad(True)
-    assert len(calls) == backbone.model.config.num_hidden_layers
+    ours = grads(bf16, (torch.bfloat16,))
+    assert len(calls) == layers
     assert 0 < ((ours - theirs).norm() / theirs.norm()).item() < 0.05  # rounded differently, not another gradient
+    calls.clear()
     with torch.no_grad():
-        model.option_logliks([e.input for e in TRAIN], [SENTIMENT.options] * len(TRAIN))
-    fp32 = SoftPromptModel(load(str(tiny_dir["causal"]), attn="sdpa"), init_prompt(backbone, 3, "random", seed=4))
-    fp32.loss(TRAIN, torch.nn.Parameter(fp32.prompt.detach().clone())).backward()
-    assert len(calls) == backbone.model.config.num_hidden_layers
+        bf16.option_logliks([e.input for e in TRAIN], [SENTIMENT.options] * len(TRAIN))
+    grads(model(torch.float32), (torch.bfloat16,))
+    assert calls == []
+    fp64 = model(torch.float64)
+    torch.testing.assert_close(grads(fp64, (torch.float64,)), grads(fp64, ()), rtol=1e-9, atol=1e-12)
+    theirs = grads(fp64, (), maml=True)
+    ours = grads(fp64, (torch.float64,), maml=True)
+    assert len(calls) == 2 * 2 * layers  # the support pass, then the query pass; in each a block per episode (one pack)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
 
 
 def test_answer_log_probs_without_autograd_take_fp32_a_few_rows_at_a_time():

@@ -62,14 +62,16 @@ def whole(allowed: torch.Tensor) -> Blocks:
 class _MathBackward(torch.autograd.Function):
     """SDPA under an additive mask, no dropout: the flash kernel's forward, the backward in
     plain operators, the softmax recomputed from the saved inputs (as the flash kernel's own
-    backward does). Its backward is itself differentiable, but MAML's support pass, which
-    differentiates it again, asks for the math kernel and does not come here (`attend`)."""
+    backward does). That backward is itself differentiable: MAML's support pass differentiates
+    it again."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, scale):
         ctx.save_for_backward(q, k, v, mask)
         ctx.scale = scale if scale is not None else q.shape[-1] ** -0.5
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        # The CPU flash kernel itself, whichever kernels torch's process-wide choice allows (MAML
+        # allows only the math kernel while its support pass runs); it takes grouped key heads as they are.
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)[0]
 
     @staticmethod
     def backward(ctx, grad):
@@ -85,11 +87,15 @@ class _MathBackward(torch.autograd.Function):
         return (ds @ k).mul_(ctx.scale).view(B, H, S, D), ds.transpose(-1, -2) @ qs, p.transpose(-1, -2) @ g, None, None
 
 
+# The precisions whose CPU attention takes _MathBackward where a gradient is wanted: bf16, whose
+# flash backward is slow. () for SDPA's own backward everywhere (for comparison).
+MATH_BACKWARD = (torch.bfloat16,)
+
+
 def attend(q, k, v, mask, dropout: float, scale: float | None, gqa: bool) -> torch.Tensor:
-    """SDPA on one block: in bf16 on a CPU with a gradient wanted, through _MathBackward, unless
-    the flash kernel is switched off (torch's flag for every device; MAML's double backward)."""
-    if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not dropout and torch.is_grad_enabled()
-            and (q.requires_grad or k.requires_grad or v.requires_grad) and torch.backends.cuda.flash_sdp_enabled()):
+    """SDPA on one block: in bf16 (MATH_BACKWARD) on a CPU with a gradient wanted, through _MathBackward."""
+    if (q.dtype in MATH_BACKWARD and q.device.type == "cpu" and not dropout
+            and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
         return _MathBackward.apply(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
 

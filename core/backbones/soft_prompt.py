@@ -282,10 +282,6 @@ class SoftPromptModel(nn.Module):
     BLOCKED_PACK_TOKENS = 2048
     BLOCK_QUERIES = 32
     BLOCKED = True
-    # In bf16 on a CPU, a forward that wants a gradient runs its attention through the flash
-    # kernel forward and a backward in plain operators (core/backbones/blocked.py). False: SDPA's
-    # own backward (for comparison).
-    MATH_BACKWARD = True
     # Rows that begin with the same tokens (a task's template, "Is this SMS message spam or ham?
     # Message:") run them once: a loss's rows under one prompt, once per pack, as a segment after
     # the prompt that each of them sees; rank classification's inputs, once per batch, in the
@@ -359,7 +355,7 @@ class SoftPromptModel(nn.Module):
             rows = self.BLOCK_QUERIES if blocks == "queries" else sorted(
                 {0, *(starts[k][j] for k, pack in enumerate(packs) for j, s in enumerate(pack) if s.prompt >= 0)})
             more["primer_blocks"] = blocked.plan(allowed, C, rows)
-        elif self.MATH_BACKWARD and tokens.dtype == torch.bfloat16 and tokens.requires_grad and self._cpu_sdpa():
+        elif tokens.dtype in blocked.MATH_BACKWARD and tokens.requires_grad and self._cpu_sdpa():  # blocked.attend
             blocked.install()
             more["primer_blocks"] = blocked.whole(allowed)
         out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=self._masks(allowed, pos_t, keys, tokens.dtype),
