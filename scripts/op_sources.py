@@ -7,7 +7,7 @@ and five timed without the mode: their median less the operators' time is what t
 outside them (Python, the dispatcher, autograd's bookkeeping). With a second argument n, the
 bench's first n episodes in one forward (upstream.batch_episodes) instead of its first episode.
 
-  .venv/bin/python scripts/op_sources.py [algorithm] [episodes in one forward, default 1]
+  .venv/bin/python scripts/op_sources.py [algorithm] [episodes in one forward, default 1] [bench options, e.g. --dtype bf16]
 """
 import collections
 import sys
@@ -23,7 +23,7 @@ from core.algorithms.episodes import TaskEpisodes  # noqa: E402
 from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
 
 algorithm = sys.argv[1] if len(sys.argv) > 1 else "maml"
-s = setup(parse(["--parts", "meta"]))
+s = setup(parse(["--parts", "meta", *sys.argv[3:]]))
 init = s.model.prompt.detach().clone()
 cfg = UpstreamConfig(algorithm=algorithm, inner_lr=s.inner_lr).resolved()
 together = int(sys.argv[2]) if len(sys.argv) > 2 else 1

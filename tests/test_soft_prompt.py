@@ -405,7 +405,8 @@ def test_attention_backward_in_plain_operators_gives_sdpas_gradients():
     assert 0 < ours_bf16 < max(2 * sdpa_bf16, 1e-2)
 
 
-def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir, monkeypatch, arch):
     """In bf16 on a CPU, a loss's attention goes through _MathBackward in every layer, and its
     prompt gradient is SDPA's own (MATH_BACKWARD = ()) up to bf16's rounding; ranking (no
     gradient) and float32 do not go there. Taken in float64, it gives SDPA's gradients,
@@ -418,7 +419,7 @@ def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir,
     calls = []
     plain = blocked._MathBackward.apply
     monkeypatch.setattr(blocked._MathBackward, "apply", lambda *a: calls.append(a[0].shape) or plain(*a))
-    layers = load(str(tiny_dir["causal"])).model.config.num_hidden_layers
+    layers = load(str(tiny_dir[CAUSAL[arch]])).model.config.num_hidden_layers
     episodes = [Episode("tiny", 0, TRAIN[:2], TRAIN[2:]), Episode("tiny", 1, TRAIN[2:], TRAIN[:2])]
 
     def grads(model: SoftPromptModel, dtypes: tuple, maml: bool = False) -> torch.Tensor:
@@ -431,7 +432,7 @@ def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir,
         return prompt.grad
 
     def model(dtype: torch.dtype) -> SoftPromptModel:
-        backbone = load(str(tiny_dir["causal"]), attn="sdpa", dtype=dtype)
+        backbone = load(str(tiny_dir[CAUSAL[arch]]), attn="sdpa", dtype=dtype)
         return SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
 
     bf16 = model(torch.bfloat16)
