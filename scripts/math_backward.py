@@ -24,11 +24,11 @@ dtype = s.model.backbone.model.get_input_embeddings().weight.dtype
 
 def way(dtypes: tuple, work):
     def run():
-        blocked.MATH_BACKWARD = dtypes
+        default, blocked.MATH_BACKWARD = blocked.MATH_BACKWARD, dtypes
         try:
             return work()
         finally:
-            blocked.MATH_BACKWARD = (torch.bfloat16,)
+            blocked.MATH_BACKWARD = default
     return run
 
 

@@ -444,6 +444,7 @@ def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir,
     calls.clear()
     with torch.no_grad():
         bf16.option_logliks([e.input for e in TRAIN], [SENTIMENT.options] * len(TRAIN))
+    assert calls == []
     grads(model(torch.float32), (torch.bfloat16,))
     assert calls == []
     fp64 = model(torch.float64)
