@@ -1,10 +1,11 @@
-"""Ranking with its attention by blocks of queries over one pack per batch (the default since
-core/backbones/blocked.py), against packs of PACK_TOKENS over the whole square (BLOCKED = False),
+"""Ranking with its attention over one pack per batch, an input and its options a row of a padded
+batch (core/backbones/blocked.py; until 2026-12-07 by blocks of BLOCK_QUERIES queries, set by a
+third argument), against packs of PACK_TOKENS over the whole square (BLOCKED = False),
 on the bench's model and data: the scores both ways, the seconds to rank the bench's 128 test
 examples in batches of 32 with the two ways taking turns, then each way's operator time under
 torch.profiler (self time: all, the attention kernel's, the matrix multiplies').
 
-  .venv/bin/python scripts/rank_blocks.py [fp32|bf16] [backbone] [queries a block, default SoftPromptModel.BLOCK_QUERIES]
+  .venv/bin/python scripts/rank_blocks.py [fp32|bf16] [backbone]
 """
 import sys
 import time
@@ -19,10 +20,9 @@ from core.backbones.soft_prompt import SoftPromptModel  # noqa: E402
 
 dtype = sys.argv[1] if len(sys.argv) > 1 else "fp32"
 backbone = sys.argv[2] if len(sys.argv) > 2 else "smollm2-135m"
-SoftPromptModel.BLOCK_QUERIES = int(sys.argv[3]) if len(sys.argv) > 3 else SoftPromptModel.BLOCK_QUERIES
 s = setup(parse(["--parts", "eval", "--dtype", dtype, "--backbone", backbone]))
 examples, options = s.test[:128], [s.options] * 128
-WAYS = {True: f"blocks of {SoftPromptModel.BLOCK_QUERIES}, one pack", False: "whole square, packs of 256"}
+WAYS = {True: "by units, one pack", False: "whole square, packs of 256"}
 
 
 def rank():

@@ -282,10 +282,11 @@ def test_prompt_width_must_match_the_backbone(tiny_backbone):
 # How options are scored: packed with their inputs (all in one pack, or an input and its options
 # per pack), or as continuations of each input's KV cache, copied per option (with the prompt's
 # own KV cache shared, or the prompt concatenated in front of each input).
-# Packed, the attention runs by blocks of queries over one pack (core/backbones/blocked.py), or
-# over the whole square of each pack. LOGPROB_ELEMENTS=1: the logsumexp one row at a time.
-OPTION_LAYOUTS = {"packed, one pack, blocks of 4 queries": dict(BLOCK_QUERIES=4, LOGPROB_ELEMENTS=1),
-                  "packed, an input per pack, blocks of 4 queries": dict(BLOCK_QUERIES=4, BLOCKED_PACK_TOKENS=1),
+# Packed, the attention runs an input and its options a row of a padded batch, over one pack or
+# over packs of one input each (core/backbones/blocked.py), or over the whole square of each
+# pack. LOGPROB_ELEMENTS=1: the logsumexp one row at a time.
+OPTION_LAYOUTS = {"packed, one pack, by units": dict(LOGPROB_ELEMENTS=1),
+                  "packed, an input per pack, by units": dict(BLOCKED_PACK_TOKENS=1),
                   "packed, one pack, the whole square": dict(BLOCKED=False, PACK_TOKENS=10**6),
                   "packed, an input per pack, the whole square": dict(BLOCKED=False, PACK_TOKENS=1),
                   "input cache, prompt KV cache shared": dict(PACK=False, PROMPT_CACHE_ROWS=1),
@@ -314,59 +315,94 @@ def test_option_scores_equal_each_option_through_the_plain_forward(tiny_dir, arc
             torch.testing.assert_close(scores, alone, atol=1e-4, rtol=1e-5)
 
 
-def test_ranking_attention_runs_by_blocks_over_the_keys_each_block_sees(tiny_dir, monkeypatch):
-    """One pack of many inputs: the queries go in blocks, and a block after the first inputs
-    skips the keys of the inputs before it (the cache's keys stay), so no call takes the whole
-    (S, C + S) square. The scores are checked against the plain forward above."""
+def test_ranking_attention_runs_in_one_call_an_input_and_its_options_a_row(tiny_dir, monkeypatch):
+    """One pack of many inputs: each layer's attention is one SDPA call over a batch with a row
+    per input (its tokens, then its options'), padded to the longest, each row over the cache's
+    keys and its own: no call takes the pack's (S, C + S) square. The scores are checked against
+    the plain forward above."""
     from core.backbones import blocked, load
 
     backbone = load(str(tiny_dir["causal"]), attn="sdpa")
     model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
-    model.BLOCK_QUERIES = 8
-    calls = []  # (queries, keys) of each SDPA call in a block
+    calls = []  # (rows, queries, keys) of each SDPA call
 
     def spy(q, k, v, **kw):
-        calls.append((q.shape[2], k.shape[2]))
+        calls.append((q.shape[0], q.shape[2], k.shape[2]))
         return F.scaled_dot_product_attention(q, k, v, **kw)
 
     monkeypatch.setattr(blocked, "F", SimpleNamespace(scaled_dot_product_attention=spy, pad=F.pad))
-    inputs = [TEMPLATE + t for t in ("the movie was good and great", "awful", "what color is the sky ?", "a fine film")]
+    texts = ("the movie was good and great", "awful", "what color is the sky ?", "a fine film")
+    inputs = [TEMPLATE + t for t in texts] * 3
     with torch.no_grad():
-        model.option_logliks(inputs * 3, [("positive", "negative")] * 12)
-    layers = backbone.model.config.num_hidden_layers
-    assert calls and len(calls) % layers == 0
-    per_layer = calls[: len(calls) // layers]
-    S = sum(q for q, _ in per_layer)  # the pack's length: the blocks cover it once
-    assert len(per_layer) == -(-S // 8) > 2 and all(q <= 8 for q, _ in per_layer)
-    assert max(k for _, k in per_layer) < S  # every block skips keys: none takes the pack's S, let alone C + S
-    # BLOCKED off: no call goes by blocks
+        model.option_logliks(inputs, [("positive", "negative")] * 12)
+    template = len(model._tokens(TEMPLATE, False)) - 2  # less the cue, "\nAnswer:"
+    longest = max(len(model._tokens(TEMPLATE + t, False)) for t in texts) - template + 2  # + an option token each
+    C = 3 + template  # the prompt and the template, in the cache
+    assert calls == [(12, longest, C + longest)] * backbone.model.config.num_hidden_layers
+    # BLOCKED off: no call goes through the units
     calls.clear()
     model.BLOCKED = False
     with torch.no_grad():
-        model.option_logliks(inputs * 3, [("positive", "negative")] * 12)
+        model.option_logliks(inputs, [("positive", "negative")] * 12)
     assert calls == []
 
 
-def test_a_block_sees_the_columns_of_any_of_its_rows():
+def test_ranking_runs_the_prompt_and_template_once_for_all_its_batches(tiny_dir):
+    from core.backbones import load
+
+    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
+    inputs = [TEMPLATE + t for t in ("the movie was good and great", "awful", "what color is the sky ?", "a fine film")]
+    inputs += ["hello", TEMPLATE]  # one without the template, one that is the template alone
+    examples = [Example(t, ("positive",)) for t in inputs]
+    options = [("positive", "negative")] * len(inputs)
+    states, run = [], model._prompt_states
+    model._prompt_states = lambda p: states.append(len(p)) or run(p)
+    template = len(model._tokens(TEMPLATE, False)) - 2  # less the cue, "\nAnswer:"
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))  # rank's batches
+    batches = [order[b : b + 2] for b in range(0, len(inputs), 2)]
+    with torch.no_grad():
+        best = model.rank(examples, options, batch_size=2)
+        assert states == [3 + template]  # once, the prompt and the template
+        states.clear()
+        alone = [model.option_logliks([inputs[i] for i in b], [options[i] for i in b]) for b in batches]
+        assert len(states) == len(batches)  # each batch its own, where no prefix is given
+        prefix = model._option_prefix([model._tokens(t, False) for t in inputs], None)
+        shared = [model.option_logliks([inputs[i] for i in b], [options[i] for i in b], prefix=prefix) for b in batches]
+    for b, ours, theirs in zip(batches, shared, alone):
+        for i, scores, own in zip(b, ours, theirs):
+            torch.testing.assert_close(scores, own, atol=1e-5, rtol=1e-5)
+            assert best[i] == options[i][int(own.argmax())]
+
+
+def test_units_and_blocks_of_a_pack():
+    from core.backbones.blocked import plan, units
+
     # one pack of 6 tokens after a cache of 2: segments [0, 1, 2] and [3, 4, 5], causal within;
-    # token 3 also sees token 1 (an option seeing its input)
+    # token 5 also sees token 3 (an option seeing its input)
     allowed = torch.zeros(1, 6, 8, dtype=torch.bool)
     allowed[0, :, :2] = True
-    for a, b in ((0, 3), (3, 6)):
+    for a, b in ((0, 3), (3, 5), (5, 6)):
         for q in range(a, b):
             allowed[0, q, 2 + a : 2 + q + 1] = True
-    allowed[0, 3, 3] = True
-    from core.backbones.blocked import plan
-
-    assert plan(allowed, 2, 2).spans == ((0, 2, 0, 2), (2, 4, 0, 4), (4, 6, 3, 6))
-    assert plan(allowed, 2, 4).spans == ((0, 4, 0, 4), (4, 6, 3, 6))
-    assert plan(allowed, 2, 6).spans == ((0, 6, 0, 6),)
-    assert plan(allowed, 2, [0, 3]).spans == ((0, 3, 0, 3), (3, 6, 1, 6))  # a block per segment, as listed
-    # over two packs, a block sees what any pack's rows see
-    two = torch.cat([allowed, allowed.roll(1, 1)])
-    two[1, 0] = False
-    two[1, 0, :2] = True
-    assert plan(two, 2, 2).spans == ((0, 2, 0, 2), (2, 4, 0, 4), (4, 6, 1, 6))  # pack 2 row 4 sees its column 1
+    allowed[0, 5, 5:7] = True
+    u = units(allowed, 2, [(0, 0, 3), (0, 3, 6)])
+    assert u.rows.tolist() == [[0, 1, 2], [3, 4, 5]] and u.real.all()
+    with pytest.raises(ValueError, match="outside its unit"):
+        units(allowed, 2, [(0, 0, 3), (0, 3, 5), (0, 5, 6)])  # token 5 sees 3 and 4, in another unit
+    # two packs: units of different lengths, padded with their last row; the second pack's padding row in none
+    two = torch.cat([allowed, allowed])
+    two[1, 5] = False
+    u = units(two, 2, [(0, 0, 3), (0, 3, 6), (1, 0, 3), (1, 3, 5)])
+    assert u.rows.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 10]]
+    assert u.real.tolist()[3] == [True, True, False]
+    assert u.back.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0]  # each row's place in the padded rows
+    # blocks (no cache): a start that a later row sees across is left out
+    groups = torch.ones(6, 6, dtype=torch.bool).tril()
+    groups[3:, :3] = False
+    assert plan(groups[None], [0, 3]).spans == ((0, 3), (3, 6))
+    assert plan(groups[None], [0, 2, 3]).spans == ((0, 3), (3, 6))
+    assert plan(torch.stack([groups, groups.roll((1, 1), (0, 1))]), [0, 3]).spans == ((0, 6),)  # the second pack's group starts at 4
 
 
 def _attention_inputs(dtype):

@@ -1,17 +1,16 @@
-"""Attention over a long pack, one block of queries at a time, each over the keys it can see.
+"""Attention over a long pack of short segments, each part over the keys it can see.
 
 A pack of many short segments (rank classification's inputs and their options) has a block
 mask: each token sees a shared KV cache (the prompt) and a few dozen tokens before it. Given that
-mask, the SDPA kernel computes the whole (S, C + S) square of scores all the same. Here the
-queries go in blocks of a few dozen rows, each against the cache's C keys and the span of the
-pack's own keys that any of its rows sees, so the work grows with S times a segment's length
-rather than S squared, and a batch's inputs need not be split into packs (and padded) to keep
-the square small. A pack of several groups' rows, each group under its own prompt (a
-meta-batch's episodes in one forward), goes a block per group: no group sees another's tokens,
-so each takes its own keys, and the square of the pack becomes the groups' smaller squares.
-Every block runs torch's SDPA on its slices, under the same mask (what
-transformers' sdpa function runs, but for its copy of the grouped key heads), so the scores are
-those of the whole square (`tests/test_soft_prompt.py`).
+mask, the SDPA kernel computes the whole (S, C + S) square of scores all the same. Here each
+input with its options (a unit: `units`) becomes a row of one padded batch, over the cache's C
+keys and its own, all in one SDPA call: the work grows with S times a unit's length rather than
+S squared, and a batch's inputs need not be split into packs to keep the square small. A pack of
+several groups' rows, each group under its own prompt (a meta-batch's episodes in one forward),
+goes a block per group (`plan`): no group sees another's tokens, so each takes its own keys, and
+the square of the pack becomes the groups' smaller squares. Both run torch's SDPA under the
+pack's own mask (what transformers' sdpa function runs, but for its copy of the grouped key
+heads), so the scores are those of the whole square (`tests/test_soft_prompt.py`).
 
 In bf16 on a CPU, where a gradient is wanted, each block (or the whole square, as one block:
 `whole`) runs SDPA's flash kernel forward and its backward in plain operators
@@ -24,7 +23,7 @@ It is transformers' "sdpa" attention function, wrapped (`install`): a forward th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,32 +31,80 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Blocks:
-    """Where the queries of a (packs, S) forward go: (q0, q1, lo, hi) for each block of query
-    rows q0..q1, which see the cache's first C keys and the pack's own keys lo..hi at most."""
+    """Blocks of query rows q0..q1 of a (packs, S) forward with no KV cache, each seeing its own
+    rows' keys only (a pack of groups: a meta-batch's episodes, each under its own prompt)."""
+
+    spans: tuple[tuple[int, int], ...]
+
+
+def plan(allowed: torch.Tensor, starts: list[int]) -> Blocks:
+    """The blocks of a boolean mask `allowed` (packs, S, S) from each of `starts` (query rows, 0
+    first, ascending) to the next, leaving out every start that a later row of any pack sees
+    across (packs of groups that start at different rows)."""
+    own, S = allowed.any(0), allowed.shape[1]
+    starts = [q for q in starts if not own[q:, :q].any()]
+    return Blocks(tuple(zip(starts, starts[1:] + [S])))
+
+
+@dataclass(frozen=True)
+class Units:
+    """Rows of a (packs, S) forward in units, each seeing the cache's first C keys and its own
+    rows only (rank classification: an input and its options): their attention goes in one
+    call, a unit a row of a batch padded to the longest. `rows` (U, L): the units' rows in the
+    packs flattened, a unit's padding repeating its last row; `real` (U, L): not padding;
+    `back` (packs * S,): where each row of the packs is in the (U * L) padded rows."""
 
     cached: int
-    spans: tuple[tuple[int, int, int, int], ...]
+    rows: torch.Tensor
+    real: torch.Tensor
+    back: torch.Tensor
+    masks: dict = field(default_factory=dict, compare=False)  # id of a layer's mask -> (the mask, the units' mask)
 
 
-def plan(allowed: torch.Tensor, cached: int, size: int | list[int]) -> Blocks:
-    """The blocks of a boolean mask `allowed` (packs, S, cached + S): which key columns each
-    block of `size` query rows sees, over all packs; or, if `size` lists query rows (0 first,
-    ascending), each block from one of them to the next."""
-    S = allowed.shape[1]
-    starts = list(range(0, S, size)) if isinstance(size, int) else list(size)
-    ends = starts[1:] + [S]
-    own = allowed[:, :, cached:].any(0)
-    seen = torch.stack([own[q0:q1].any(0) for q0, q1 in zip(starts, ends)])  # (n, S): a block's rows see these columns
-    cols = torch.arange(S, device=allowed.device)
-    lo = torch.where(seen, cols, S).min(1).values.tolist()
-    hi = torch.where(seen, cols + 1, 0).max(1).values.tolist()
-    spans = tuple((q0, q1, min(l, h), h) for q0, q1, l, h in zip(starts, ends, lo, hi))
-    return Blocks(cached, spans)
+def units(allowed: torch.Tensor, cached: int, spans: list[tuple[int, int, int]]) -> Units:
+    """The units (pack, first row, end row) of a boolean mask `allowed` (packs, S, cached + S);
+    a row that sees a key of its pack outside its own unit is an error."""
+    B, S = allowed.shape[:2]
+    unit = torch.full((B, S), -1, dtype=torch.long)
+    for u, (k, r0, r1) in enumerate(spans):
+        unit[k, r0:r1] = u
+    unit = unit.to(allowed.device)
+    if (allowed[:, :, cached:] & (unit[:, :, None] != unit[:, None, :]) & (unit[:, :, None] >= 0)).any():
+        raise ValueError("a row sees keys outside its unit")
+    L = max(r1 - r0 for _, r0, r1 in spans)
+    at = torch.arange(L)
+    first = torch.tensor([k * S + r0 for k, r0, _ in spans])[:, None]
+    length = torch.tensor([r1 - r0 for _, r0, r1 in spans])[:, None]
+    real = at < length
+    rows = first + torch.minimum(at, length - 1)
+    back = torch.zeros(B * S, dtype=torch.long)
+    back[rows[real]] = (torch.arange(len(spans))[:, None] * L + at).expand(-1, L)[real]
+    dev = allowed.device
+    return Units(cached, rows.to(dev), real.to(dev), back.to(dev))
+
+
+def _by_units(u: Units, query, key, value, mask, dropout: float, scale: float | None, gqa: bool) -> torch.Tensor:
+    """The attention of every unit in one SDPA call: (packs, S, heads, head dim), as transformers'."""
+    B, H, S, D = query.shape
+    C, (U, L) = u.cached, u.rows.shape
+    rows = u.rows.view(-1)
+    # whole rows of (packs * S, heads * D) copied: transformers' queries are laid out so already
+    q = query.transpose(1, 2).reshape(B * S, H * D).index_select(0, rows).view(U, L, H, D).transpose(1, 2)
+    k, v = (torch.cat([x[:1, :, :C].expand(U, -1, -1, -1), x[:, :, C:].transpose(0, 1).reshape(x.shape[1], B * S, D)
+                       .index_select(1, rows).view(-1, U, L, D).transpose(0, 1)], 2) for x in (key, value))
+    if id(mask) not in u.masks:
+        pack, r = u.rows // S, u.rows % S
+        cols = torch.cat([torch.arange(C, device=r.device).expand(U, L, C), C + r[:, None, :].expand(U, L, L)], 2)
+        m = mask[pack[:, :, None], 0, r[:, :, None], cols]  # (U, L, C + L)
+        hidden = F.pad(~u.real, (C, 0))[:, None, :]  # the padding's keys
+        u.masks[id(mask)] = (mask, m.masked_fill(hidden, False if m.dtype == torch.bool else torch.finfo(m.dtype).min)[:, None])
+    out = attend(q, k, v, u.masks[id(mask)][1], dropout, scale, gqa)  # (U, H, L, D)
+    return out.transpose(1, 2).reshape(U * L, H * D).index_select(0, u.back).view(B, S, H, D)
 
 
 def whole(allowed: torch.Tensor) -> Blocks:
     """One block: every query of a (packs, S, S) mask over every key (no KV cache)."""
-    return Blocks(0, ((0, allowed.shape[1], 0, allowed.shape[1]),))
+    return Blocks(((0, allowed.shape[1]),))
 
 
 class _MathBackward(torch.autograd.Function):
@@ -105,30 +152,18 @@ def blocked(sdpa):
     """transformers' sdpa attention function `sdpa`, by blocks of queries where a call says so."""
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *,
-                  primer_blocks: Blocks | None = None, **kw):
+                  primer_blocks: Blocks | Units | None = None, **kw):
         if (primer_blocks is None or attention_mask is None
                 or kw.get("softcap") is not None or kw.get("position_bias") is not None):
             return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
-        C, outs, gqa = primer_blocks.cached, [], query.shape[1] != key.shape[1]
+        gqa = query.shape[1] != key.shape[1]
+        if isinstance(primer_blocks, Units):
+            return _by_units(primer_blocks, query, key, value, attention_mask, dropout, scaling, gqa), None
+        # Queries, keys and values split by block, so that their gradients are put together by
+        # one concatenation, not summed from a zero-filled copy per block.
         spans = primer_blocks.spans
-        if not C and all(lo == q0 and hi == q1 for q0, q1, lo, hi in spans):
-            # Each block takes its own rows' keys only (a pack of groups): queries, keys and values
-            # split, so that their gradients are put together by one concatenation, not summed
-            # from a zero-filled copy per block.
-            sizes = [q1 - q0 for q0, q1, _, _ in spans]
-            for (q0, q1, _, _), q, k, v in zip(spans, *(x.split(sizes, 2) for x in (query, key, value))):
-                outs.append(attend(q, k, v, attention_mask[:, :, q0:q1, q0:q1], dropout, scaling, gqa))
-            spans = ()
-        for q0, q1, lo, hi in spans:
-            if lo <= C or not C:  # little to skip before the span, or no cache: the keys as one slice, no copy
-                cols = slice(lo if not C else 0, C + hi)
-                k, v, m = key[:, :, cols], value[:, :, cols], attention_mask[:, :, q0:q1, cols]
-            else:
-                k, v = (torch.cat([x[:, :, :C], x[:, :, C + lo : C + hi]], 2) for x in (key, value))
-                m = attention_mask[:, :, q0:q1]
-                m = torch.cat([m[..., :C], m[..., C + lo : C + hi]], 3)
-            # The kernel takes the grouped heads as they are (transformers copies them per head).
-            outs.append(attend(query[:, :, q0:q1], k, v, m, dropout, scaling, gqa))
+        outs = [attend(q, k, v, attention_mask[:, :, q0:q1, q0:q1], dropout, scaling, gqa)
+                for (q0, q1), q, k, v in zip(spans, *(x.split([q1 - q0 for q0, q1 in spans], 2) for x in (query, key, value)))]
         return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
 
     attention.primer_blocked = True

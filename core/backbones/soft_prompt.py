@@ -45,6 +45,16 @@ class Batch:
 
 
 @dataclass
+class PromptStates:
+    """A prefix's keys and values in every layer, (1, key heads, length, head dim) each, as it
+    runs alone at positions 0..length-1 (`SoftPromptModel._prompt_states`): computed once, then
+    copied into the KV cache of every forward that runs after that prefix."""
+
+    length: int
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
 class Segment:
     """A stretch of one pack (`SoftPromptModel._run_packs`): tokens, or a prompt's vectors."""
 
@@ -220,13 +230,21 @@ class SoftPromptModel(nn.Module):
                    position_ids=P + (batch.mask.cumsum(1) - 1).clamp(min=0), cache=cache, use_cache=use_cache)
         return out, mask, P, 0
 
-    def _prompt_cache(self, p: torch.Tensor, copies: int):
-        """The KV cache of a (P, d) prompt run alone at positions 0..P-1, one copy per row of a
-        batch of `copies`: a causal prompt's keys and values do not depend on what follows it."""
+    def _prompt_states(self, p: torch.Tensor) -> PromptStates:
+        """The keys and values of a (P, d) prompt run alone at positions 0..P-1, in every layer:
+        a causal prompt's do not depend on what follows it."""
         p = p[None].to(self.backbone.model.get_input_embeddings().weight.dtype)
         cache = self.backbone.model.base_model(inputs_embeds=p, position_ids=torch.arange(p.shape[1], device=p.device)[None],
                                                cache=_full_cache(), use_cache=True).cache
-        cache.batch_repeat_interleave(copies)
+        return PromptStates(p.shape[1], [(layer.keys, layer.values) for layer in cache.layers])
+
+    def _prompt_cache(self, p: torch.Tensor | PromptStates, copies: int):
+        """A fresh KV cache of a (P, d) prompt, or of its states computed before, one copy per
+        row of a batch of `copies`."""
+        states = p if isinstance(p, PromptStates) else self._prompt_states(p)
+        cache = _full_cache()
+        for i, (k, v) in enumerate(states.layers):
+            cache.update(k.expand(copies, -1, -1, -1), v.expand(copies, -1, -1, -1), i)
         return cache
 
     def _window(self) -> int | None:
@@ -271,16 +289,15 @@ class SoftPromptModel(nn.Module):
     # docs/performance.md).
     PACK_TOKENS = 256
     PACK = True  # False: pad the rows instead (for comparison)
-    # Rank classification's packs run their attention by blocks of BLOCK_QUERIES queries
-    # (core/backbones/blocked.py; sdpa on a CPU), whose cost grows with a pack's length, not its
-    # square: a batch's inputs go in one pack of up to BLOCKED_PACK_TOKENS tokens, with no padding.
-    # 32 queries a block ranked fastest of 16 to 128 (docs/performance.md). A loss over several
+    # Rank classification's packs run their attention (core/backbones/blocked.py; sdpa on a CPU)
+    # an input and its options a row of one padded batch, in one call, each over the prompt's
+    # KV cache and its own keys: its cost grows with a pack's length, not its square, so a
+    # batch's inputs go in one pack of up to BLOCKED_PACK_TOKENS tokens. A loss over several
     # groups' rows (a meta-batch's episodes in one forward) runs a block per group, whose rows see
     # no other group's tokens, and its groups too go in one pack of up to BLOCKED_PACK_TOKENS: a
     # group's prompt is not run again in a second pack. BLOCKED = False: packs of PACK_TOKENS,
     # each over the whole square (a GPU runs so: not measured there yet).
     BLOCKED_PACK_TOKENS = 2048
-    BLOCK_QUERIES = 32
     BLOCKED = True
     # Rows that begin with the same tokens (a task's template, "Is this SMS message spam or ham?
     # Message:") run them once: a loss's rows under one prompt, once per pack, as a segment after
@@ -306,13 +323,14 @@ class SoftPromptModel(nn.Module):
         return self.BLOCKED and self._cpu_sdpa()
 
     def _run_packs(self, packs: list[list[Segment]], prompts: torch.Tensor | None,
-                   cached: torch.Tensor | None = None, blocks: str | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+                   cached: PromptStates | None = None, blocks: str | None = None) -> tuple[torch.Tensor, list[list[int]]]:
         """Causal LMs: one forward over packs of segments laid end to end, each token attending
         (causally) to its own segment and to the segments it `sees`, at the positions the
-        segments give. A prompt segment holds prompts[s.prompt]; `cached`, a (P, d) prompt, runs
-        once in front of every pack as a shared KV cache that every token sees. `blocks`: the
-        attention runs by blocks of queries (core/backbones/blocked.py), of BLOCK_QUERIES rows
-        ("queries") or from each prompt segment to the next ("groups"). Returns the last
+        segments give. A prompt segment holds prompts[s.prompt]; `cached`, a prefix's states, is
+        in front of every pack as a shared KV cache that every token sees. `blocks`: the
+        attention runs by units or blocks (core/backbones/blocked.py): each segment that sees no
+        other with the segments after it that see it, padded to a batch ("units"), or from each
+        prompt segment to the next ("groups"). Returns the last
         hidden states (packs, S, d) and the index of each segment's first token in its pack."""
         dev = self.backbone.device
         P = 0 if prompts is None else prompts.shape[1]
@@ -320,7 +338,7 @@ class SoftPromptModel(nn.Module):
         M = max(map(len, packs)) + 1  # segment ids 1..M-1 in a pack; 0: padding
         sees = torch.zeros(len(packs), M, M, dtype=torch.bool)
         sees[:, 0, 0] = True  # a padding query attends to the padding: a row of its softmax is not all masked
-        C = 0 if cached is None else cached.shape[0]
+        C = 0 if cached is None else cached.length
         seen = torch.full((len(packs), M), C, dtype=torch.long)  # how much of the cache each segment sees
         for k, pack in enumerate(packs):
             for x in (ids, pos, seg, src, starts):
@@ -352,9 +370,17 @@ class SoftPromptModel(nn.Module):
         more = {}
         if blocks and self._blocked():
             blocked.install()
-            rows = self.BLOCK_QUERIES if blocks == "queries" else sorted(
-                {0, *(starts[k][j] for k, pack in enumerate(packs) for j, s in enumerate(pack) if s.prompt >= 0)})
-            more["primer_blocks"] = blocked.plan(allowed, C, rows)
+            if blocks == "units":
+                spans = []  # (pack, first row, end row)
+                for k, pack in enumerate(packs):
+                    for j, s in enumerate(pack):
+                        if not s.sees:
+                            spans.append([k, starts[k][j], 0])
+                        spans[-1][2] = starts[k][j] + len(s.tokens)
+                more["primer_blocks"] = blocked.units(allowed, C, spans)
+            else:
+                more["primer_blocks"] = blocked.plan(allowed, sorted(
+                    {0, *(starts[k][j] for k, pack in enumerate(packs) for j, s in enumerate(pack) if s.prompt >= 0)}))
         elif tokens.dtype in blocked.MATH_BACKWARD and tokens.requires_grad and self._cpu_sdpa():  # blocked.attend
             blocked.install()
             more["primer_blocks"] = blocked.whole(allowed)
@@ -489,28 +515,43 @@ class SoftPromptModel(nn.Module):
         # Similar lengths together: less padding in every batch.
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input))
         best: list[str] = [""] * len(examples)
+        # Packed, the prompt and the inputs' template run once for all the batches.
+        prefix = self._option_prefix([self._tokens(e.input, False) for e in examples], prompt) if (
+            self.causal and self._packable()) else None
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
-            scores = self.option_logliks([examples[i].input for i in chunk], [options[i] for i in chunk], prompt)
+            scores = self.option_logliks([examples[i].input for i in chunk], [options[i] for i in chunk], prompt, prefix)
             for i, sc in zip(chunk, scores):
                 best[i] = options[i][int(sc.argmax())]
         return best
 
-    def option_logliks(self, inputs: list[str], options: list[tuple[str, ...]],
-                       prompt: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Summed log-likelihood of each option of each input: one (n_options,) tensor per input."""
+    def option_logliks(self, inputs: list[str], options: list[tuple[str, ...]], prompt: torch.Tensor | None = None,
+                       prefix: tuple[list[int], PromptStates] | None = None) -> list[torch.Tensor]:
+        """Summed log-likelihood of each option of each input: one (n_options,) tensor per input.
+        `prefix`: `_option_prefix` of these inputs' (or more inputs') tokens, computed before."""
         rows = [i for i, opts in enumerate(options) for _ in opts]
         flat = [o for opts in options for o in opts]
         if not self.causal:
             scores = self.sequence_logliks([inputs[i] for i in rows], flat, prompt)
         elif self._packable():
-            scores = self._packed_option_logliks(inputs, options, prompt)
+            scores = self._packed_option_logliks(inputs, options, prompt, prefix)
         else:
             scores = self._shared_prefix_logliks(inputs, rows, flat, prompt)
         return list(scores.split([len(o) for o in options]))
 
-    def _packed_option_logliks(self, inputs: list[str], options: list[tuple[str, ...]],
-                               prompt: torch.Tensor | None) -> torch.Tensor:
+    def _option_prefix(self, xs: list[list[int]], prompt: torch.Tensor | None) -> tuple[list[int], PromptStates]:
+        """The tokens that inputs `xs` begin with (their task's template; SHARE_PREFIX), and the
+        states of [prompt; those tokens], which the inputs that begin with them see."""
+        p = self.prompt if prompt is None else prompt
+        sharing, n = self._template(xs, [len(x) - 1 for x in xs])
+        common = xs[min(sharing)][:n] if n else []
+        if common:
+            embedded = self.backbone.embed(torch.tensor([common], device=self.backbone.device))[0]
+            p = torch.cat([p.to(embedded.dtype), embedded])
+        return common, self._prompt_states(p) if len(p) else PromptStates(0, [])
+
+    def _packed_option_logliks(self, inputs: list[str], options: list[tuple[str, ...]], prompt: torch.Tensor | None,
+                               prefix: tuple[list[int], PromptStates] | None = None) -> torch.Tensor:
         """Causal LMs: every input and all of its options in one forward, packed end to end.
         The prompt runs once, as a KV cache shared by the packs; in a pack each input is followed
         by its options, each option attending to the prompt, its input and itself (a block mask)
@@ -518,16 +559,15 @@ class SoftPromptModel(nn.Module):
         many options it has, and nothing is copied per option. An option's first token is
         predicted by its input's last state, shared by its options; its last (EOS) is not fed.
         The tokens the inputs begin with (their task's template; SHARE_PREFIX) join the
-        prompt's KV cache, seen by the inputs that begin with them. On a CPU a batch is one pack
-        (up to BLOCKED_PACK_TOKENS), its attention run by blocks of queries (BLOCKED)."""
-        p = self.prompt if prompt is None else prompt
+        prompt's KV cache, seen by the inputs that begin with them; `prefix` is that cache's
+        states, computed once for all the batches of a ranking (`_option_prefix`). On a CPU a
+        batch is one pack (up to BLOCKED_PACK_TOKENS), its attention run an input and its
+        options a row of one padded batch (BLOCKED)."""
+        P = len(self.prompt if prompt is None else prompt)
         xs = [self._tokens(t, False) for t in inputs]
-        sharing, n = self._template(xs, [len(x) - 1 for x in xs])
-        P = len(p)
-        if n:  # the shared prefix joins the prompt's KV cache, seen by the inputs that share it
-            common = self.backbone.embed(torch.tensor([xs[min(sharing)][:n]], device=self.backbone.device))[0]
-            p = torch.cat([p.to(common.dtype), common])
-        shared = [n * (i in sharing) for i in range(len(xs))]
+        common, states = prefix or self._option_prefix(xs, prompt)
+        n = len(common)  # the inputs that begin with it (and go on after it) see it in the cache
+        shared = [n if n and len(x) > n and x[:n] == common else 0 for x in xs]
         xs = [x[m:] for x, m in zip(xs, shared)]
         ans = [[self._tokens(o, True) for o in opts] for opts in options]
         sizes = [len(x) + sum(len(a) - 1 for a in opts) for x, opts in zip(xs, ans)]
@@ -544,7 +584,7 @@ class SoftPromptModel(nn.Module):
                     if len(a) > 1:
                         where[i, o] = (k, len(packs[k]))
                         packs[k].append(Segment(a[:-1], start=start + len(xs[i]), sees=(mine,), cache=cache))
-        out, starts = self._run_packs(packs, None, cached=p, blocks="queries")
+        out, starts = self._run_packs(packs, None, cached=states, blocks="units")
         # Each predicting position once: the input's last token, then every option's fed tokens.
         pack, index = [], []  # per predicting position
         predictor, target, option = [], [], []  # per answer token
