@@ -347,6 +347,53 @@ def test_ranking_attention_runs_in_one_call_an_input_and_its_options_a_row(tiny_
     assert calls == []
 
 
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_ranking_runs_the_last_layers_mlp_at_its_predicting_positions_only(tiny_dir, arch):
+    """Only the predicting positions' last hidden states are read (an input's last token, each
+    option's fed tokens), so the last layer's MLP runs those rows alone; every other layer, and
+    a loss, runs them all. The scores are checked against the plain forward above."""
+    from core.backbones import lean, load
+
+    backbone = load(str(tiny_dir[CAUSAL[arch]]), attn="sdpa")
+    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
+    layers = backbone.model.base_model.layers
+    assert all(isinstance(layer.mlp, lean.GatedMLP) for layer in layers)
+    rows = {}  # layer -> rows its MLP ran
+    for i, layer in enumerate(layers):
+        run = layer.mlp._rows
+        layer.mlp._rows = lambda x, i=i, run=run: rows.setdefault(i, []).append(x.reshape(-1, x.shape[-1]).shape[0]) or run(x)
+    inputs = [TEMPLATE + t for t in ("the movie was good and great", "awful", "what color is the sky ?")]
+    options = [("positive", "negative"), ("a bad movie", "great"), ("blue",)]
+    with torch.no_grad():
+        model.option_logliks(inputs, options)
+    fed = sum(len(model._tokens(o, True)) - 1 for opts in options for o in opts)  # an option's tokens but its EOS
+    predicting = len(inputs) + fed  # each input's last token, each option's fed tokens
+    template = len(model._tokens(TEMPLATE, False)) - 2
+    S = sum(len(model._tokens(t, False)) - template for t in inputs) + fed
+    # the last forward is the pack's (the one before it, the prompt's and template's states)
+    assert rows[len(layers) - 1][-1] == predicting < S
+    assert all(rows[i][-1] == S for i in range(len(layers) - 1))
+    rows.clear()
+    model.loss(TRAIN)
+    assert len({r[-1] for r in rows.values()}) == 1  # a loss: the same rows in every layer
+
+
+def test_an_mlp_told_the_rows_read_runs_them_alone(tiny_dir):
+    from core.backbones import lean, load
+
+    backbone = load(str(tiny_dir["causal"]))
+    mlp, first = backbone.model.base_model.layers[-1].mlp, backbone.model.base_model.layers[0].mlp
+    x = torch.randn(2, 5, backbone.dim)
+    rows = torch.tensor([1, 6, 9])
+    with torch.no_grad():
+        with lean.rows_read(mlp, rows):
+            out, other = mlp(x).reshape(10, -1), first(x)  # the first layer's was not told: all of its rows
+        whole = mlp(x).reshape(10, -1)
+        torch.testing.assert_close(out[rows], whole[rows])
+        assert not out[[0, 2, 3, 4, 5, 7, 8]].any() and whole.abs().sum(1).min() > 0
+        torch.testing.assert_close(other, first(x))
+
+
 def test_ranking_runs_the_prompt_and_template_once_for_all_its_batches(tiny_dir):
     from core.backbones import load
 

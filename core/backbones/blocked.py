@@ -149,7 +149,7 @@ def attend(q, k, v, mask, dropout: float, scale: float | None, gqa: bool) -> tor
 
 
 def blocked(sdpa):
-    """transformers' sdpa attention function `sdpa`, by blocks of queries where a call says so."""
+    """transformers' sdpa attention function `sdpa`, by units or blocks where a call says so."""
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *,
                   primer_blocks: Blocks | Units | None = None, **kw):

@@ -41,6 +41,22 @@ def stock_ops():
         _stock.reset(token)
 
 
+_read = contextvars.ContextVar("rows_read", default=None)
+
+
+@contextlib.contextmanager
+def rows_read(mlp: nn.Module | None, rows: torch.Tensor | None):
+    """Inside (this thread): the GatedMLP `mlp` runs only the rows `rows` of its input (its
+    leading dimensions flattened) and gives zeros for the others: a last layer whose outputs are
+    read at a few positions only (rank classification's predicting ones). As it was for any
+    other module, or with `rows` None."""
+    token = _read.set((mlp, rows) if isinstance(mlp, GatedMLP) and rows is not None else None)
+    try:
+        yield
+    finally:
+        _read.reset(token)
+
+
 def _lean(*inputs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs) and not _stock.get()
 
@@ -199,6 +215,13 @@ class GatedMLP(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        read = _read.get()
+        if read is None or read[0] is not self:
+            return self._rows(x)
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.new_zeros(flat.shape).index_copy(0, read[1], self._rows(flat[read[1]])).view_as(x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gated_mul(self.gate_proj(x), self.up_proj(x), self.act))
 
 

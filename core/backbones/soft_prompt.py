@@ -25,7 +25,7 @@ from torch import nn
 from core.errors import UserError
 from core.names import MAX_PROMPT_TOKENS
 
-from core.backbones import blocked
+from core.backbones import blocked, lean
 from core.backbones.load import Backbone
 from core.tasks.base import Example, TaskError, TaskInfo
 
@@ -323,15 +323,18 @@ class SoftPromptModel(nn.Module):
         return self.BLOCKED and self._cpu_sdpa()
 
     def _run_packs(self, packs: list[list[Segment]], prompts: torch.Tensor | None,
-                   cached: PromptStates | None = None, blocks: str | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+                   cached: PromptStates | None = None, blocks: str | None = None,
+                   read: list[tuple[int, int, int]] | None = None) -> tuple[torch.Tensor, list[list[int]]]:
         """Causal LMs: one forward over packs of segments laid end to end, each token attending
         (causally) to its own segment and to the segments it `sees`, at the positions the
         segments give. A prompt segment holds prompts[s.prompt]; `cached`, a prefix's states, is
         in front of every pack as a shared KV cache that every token sees. `blocks`: the
         attention runs by units or blocks (core/backbones/blocked.py): each segment that sees no
         other with the segments after it that see it, padded to a batch ("units"), or from each
-        prompt segment to the next ("groups"). Returns the last
-        hidden states (packs, S, d) and the index of each segment's first token in its pack."""
+        prompt segment to the next ("groups"). `read`: the only positions (pack, segment,
+        offset) whose last hidden states are read; the last layer's MLP runs there alone (zeros
+        elsewhere). Returns the last hidden states (packs, S, d) and the index of each segment's
+        first token in its pack."""
         dev = self.backbone.device
         P = 0 if prompts is None else prompts.shape[1]
         ids, pos, seg, src, starts = ([] for _ in range(5))  # per pack, per token (starts: per segment)
@@ -384,8 +387,11 @@ class SoftPromptModel(nn.Module):
         elif tokens.dtype in blocked.MATH_BACKWARD and tokens.requires_grad and self._cpu_sdpa():  # blocked.attend
             blocked.install()
             more["primer_blocks"] = blocked.whole(allowed)
-        out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=self._masks(allowed, pos_t, keys, tokens.dtype),
-                                             position_ids=pos_t, cache=cache, use_cache=False, **more).last_hidden_state
+        last = getattr(self.backbone.model.base_model, "layers", [None])[-1]
+        rows = torch.tensor([k * S + starts[k][j] + n for k, j, n in read or ()], dtype=torch.long, device=dev)
+        with lean.rows_read(getattr(last, "mlp", None), rows if read else None):
+            out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=self._masks(allowed, pos_t, keys, tokens.dtype),
+                                                 position_ids=pos_t, cache=cache, use_cache=False, **more).last_hidden_state
         return out, starts
 
     def _packed_hidden(self, batch: Batch, prompts: torch.Tensor, owner: list[int]) -> torch.Tensor:
@@ -584,26 +590,23 @@ class SoftPromptModel(nn.Module):
                     if len(a) > 1:
                         where[i, o] = (k, len(packs[k]))
                         packs[k].append(Segment(a[:-1], start=start + len(xs[i]), sees=(mine,), cache=cache))
-        out, starts = self._run_packs(packs, None, cached=states, blocks="units")
         # Each predicting position once: the input's last token, then every option's fed tokens.
-        pack, index = [], []  # per predicting position
+        read = []  # per predicting position: (pack, segment, offset)
         predictor, target, option = [], [], []  # per answer token
         n_options = 0
         for i, (x, opts) in enumerate(zip(xs, ans)):
-            k, j = where[i, -1]
-            pack.append(k)
-            index.append(starts[k][j] + len(x) - 1)
-            last = len(pack) - 1
+            read.append((*where[i, -1], len(x) - 1))
+            last = len(read) - 1
             for o, a in enumerate(opts):
                 predictor.append(last)
                 if len(a) > 1:
-                    k, j = where[i, o]
-                    predictor += range(len(pack), len(pack) + len(a) - 1)
-                    pack += [k] * (len(a) - 1)
-                    index += range(starts[k][j], starts[k][j] + len(a) - 1)
+                    predictor += range(len(read), len(read) + len(a) - 1)
+                    read += [(*where[i, o], n) for n in range(len(a) - 1)]
                 target += a
                 option += [n_options] * len(a)
                 n_options += 1
+        out, starts = self._run_packs(packs, None, cached=states, blocks="units", read=read)
+        pack, index = [k for k, _, _ in read], [starts[k][j] + n for k, j, n in read]
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
         lp = self._token_logprobs(self._head(out[t(pack), t(index)]), t(target), t(predictor))
         return torch.zeros(n_options, device=out.device).index_add(0, t(option), lp)
