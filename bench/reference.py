@@ -159,7 +159,7 @@ class Peft:
         needs), then the longest option the generated text starts with, else ''."""
         pad, dev, out = self.tokenizer.pad_token_id, self.primer.backbone.device, []
         by_length = sorted(options, key=len, reverse=True)
-        with contiguous_head(self.primer.backbone.model):
+        with contiguous_head(self.primer.backbone.model), stock_ops():
             for s in range(0, len(examples), batch_size):
                 rows = [self.primer._tokens(e.input, False) for e in examples[s:s + batch_size]]
                 T = max(map(len, rows))

@@ -73,8 +73,9 @@ def test_a_llama_or_gemma_backbone_runs_lean_modules_with_the_same_outputs_and_p
     assert not any(isinstance(m, (GatedMLP, RMSNorm)) for m in stock.modules())
     assert list(ours.state_dict()) == list(stock.state_dict())
     ids = torch.tensor([[5, 9, 2, 7, 3]])
-    with torch.no_grad():
+    with torch.no_grad():  # where no gradient is wanted the modules work in place: the same bits still
         torch.testing.assert_close(ours(ids).logits, stock(ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(ours.to(torch.bfloat16)(ids).logits, stock.to(torch.bfloat16)(ids).logits, rtol=0, atol=0)
     # T5's MLP and layer norm are others: left as they are
     t5 = load(str(tiny_dir["seq2seq"]), attn="eager").model
     assert not any(isinstance(m, (GatedMLP, RMSNorm)) for m in t5.modules())

@@ -10,7 +10,9 @@ is one autograd function that keeps its inputs only, whose backward is another f
 keeps the incoming gradient besides them, with the second derivative written out: three and
 two. The forward runs the same operators on the same inputs as transformers' modules (the same
 bits); the derivatives are the same arithmetic, reassociated. `tests/test_lean.py` checks them
-against autograd's in float64.
+against autograd's in float64. Where no gradient is wanted, the activation, the gate's product and
+a norm's weight go into the tensors the module made itself (the same bits, fewer passes over
+memory).
 
 Modules are swapped in when a backbone is frozen (`use_lean`), each only after it gives the
 same output as the module it replaces on a random input. `stock_ops()` runs transformers' own
@@ -57,6 +59,12 @@ def rows_read(mlp: nn.Module | None, rows: torch.Tensor | None):
         _read.reset(token)
 
 
+def _inference() -> bool:
+    """No gradient wanted, and primer's operators (not stock_ops): a module may work in place
+    on the tensors it made itself, which gives the same bits with fewer passes over memory."""
+    return not torch.is_grad_enabled() and not _stock.get()
+
+
 def _lean(*inputs: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in inputs) and not _stock.get()
 
@@ -94,6 +102,7 @@ class _GatedMulBackward(torch.autograd.Function):
 
 
 _ACTS = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh")}
+_IN_PLACE = {"silu": lambda g: F.silu(g, inplace=True), "gelu_tanh": lambda g: torch.ops.aten.gelu_(g, approximate="tanh")}
 
 # The derivatives' arithmetic, as functions of tensors alone (scripts/fuse_gain.py compiles them).
 # First: autograd's own operators (the same bits). Second: with d1, d2 the activation's first and
@@ -149,8 +158,11 @@ def _rms(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return h, torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _weighted(w: torch.Tensor, normed: torch.Tensor, dtype: torch.dtype, late: bool) -> torch.Tensor:
-    """The weight times the normed input, cast to `dtype` before the product or, `late`, after it."""
+def _weighted(w: torch.Tensor, normed: torch.Tensor, dtype: torch.dtype, late: bool, own: bool = False) -> torch.Tensor:
+    """The weight times the normed input, cast to `dtype` before the product or, `late`, after it;
+    `own`: `normed` is the caller's own and no gradient is wanted, so the product goes into it."""
+    if own and w.dtype == (normed.dtype if late else dtype):
+        return normed.mul_(w).to(dtype) if late else normed.to(dtype).mul_(w)
     return (w * normed).to(dtype) if late else w * normed.to(dtype)
 
 
@@ -222,7 +234,10 @@ class GatedMLP(nn.Module):
         return flat.new_zeros(flat.shape).index_copy(0, read[1], self._rows(flat[read[1]])).view_as(x)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(gated_mul(self.gate_proj(x), self.up_proj(x), self.act))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if _inference():  # g is this call's own: the activation and the product go into it
+            return self.down_proj(_IN_PLACE[self.act](g).mul_(u))
+        return self.down_proj(gated_mul(g, u, self.act))
 
 
 class RMSNorm(nn.Module):
@@ -240,7 +255,7 @@ class RMSNorm(nn.Module):
         if _lean(x) and not self.weight.requires_grad:
             return _RMSNorm.apply(x, w, self.variance_epsilon, self.offset)
         h, r = _rms(x, self.variance_epsilon)
-        return _weighted(w, h * r, x.dtype, self.offset)
+        return _weighted(w, h * r, x.dtype, self.offset, own=_inference())
 
 
 def _eps(norm: nn.Module) -> float | None:
