@@ -425,8 +425,8 @@ def test_ranking_runs_the_prompt_and_template_once_for_all_its_batches(tiny_dir)
 def test_units_and_blocks_of_a_pack():
     from core.backbones.blocked import plan, units
 
-    # one pack of 6 tokens after a cache of 2: segments [0, 1, 2] and [3, 4, 5], causal within;
-    # token 5 also sees token 3 (an option seeing its input)
+    # one pack of 6 tokens after a cache of 2: segments [0, 1, 2], [3, 4] and [5], causal within;
+    # token 5 also sees tokens 3 and 4 (an option seeing its input)
     allowed = torch.zeros(1, 6, 8, dtype=torch.bool)
     allowed[0, :, :2] = True
     for a, b in ((0, 3), (3, 5), (5, 6)):

@@ -387,9 +387,11 @@ class SoftPromptModel(nn.Module):
         elif tokens.dtype in blocked.MATH_BACKWARD and tokens.requires_grad and self._cpu_sdpa():  # blocked.attend
             blocked.install()
             more["primer_blocks"] = blocked.whole(allowed)
-        last = getattr(self.backbone.model.base_model, "layers", [None])[-1]
-        rows = torch.tensor([k * S + starts[k][j] + n for k, j, n in read or ()], dtype=torch.long, device=dev)
-        with lean.rows_read(getattr(last, "mlp", None), rows if read else None):
+        last, rows = None, None  # the last layer's MLP, and the rows it runs where only some are read
+        if read:
+            last = getattr(getattr(self.backbone.model.base_model, "layers", [None])[-1], "mlp", None)
+            rows = torch.tensor([k * S + starts[k][j] + n for k, j, n in read], dtype=torch.long, device=dev)
+        with lean.rows_read(last, rows):
             out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=self._masks(allowed, pos_t, keys, tokens.dtype),
                                                  position_ids=pos_t, cache=cache, use_cache=False, **more).last_hidden_state
         return out, starts
