@@ -58,7 +58,7 @@ class Units:
     rows: torch.Tensor
     real: torch.Tensor
     back: torch.Tensor
-    masks: dict = field(default_factory=dict, compare=False)  # id of a layer's mask -> (the mask, the units' mask)
+    masks: dict = field(default_factory=dict, compare=False)  # a layer's mask (by identity) -> the units' mask
 
 
 def units(allowed: torch.Tensor, cached: int, spans: list[tuple[int, int, int]]) -> Units:
@@ -92,13 +92,13 @@ def _by_units(u: Units, query, key, value, mask, dropout: float, scale: float | 
     q = query.transpose(1, 2).reshape(B * S, H * D).index_select(0, rows).view(U, L, H, D).transpose(1, 2)
     k, v = (torch.cat([x[:1, :, :C].expand(U, -1, -1, -1), x[:, :, C:].transpose(0, 1).reshape(x.shape[1], B * S, D)
                        .index_select(1, rows).view(-1, U, L, D).transpose(0, 1)], 2) for x in (key, value))
-    if id(mask) not in u.masks:
+    if mask not in u.masks:
         pack, r = u.rows // S, u.rows % S
         cols = torch.cat([torch.arange(C, device=r.device).expand(U, L, C), C + r[:, None, :].expand(U, L, L)], 2)
         m = mask[pack[:, :, None], 0, r[:, :, None], cols]  # (U, L, C + L)
         hidden = F.pad(~u.real, (C, 0))[:, None, :]  # the padding's keys
-        u.masks[id(mask)] = (mask, m.masked_fill(hidden, False if m.dtype == torch.bool else torch.finfo(m.dtype).min)[:, None])
-    out = attend(q, k, v, u.masks[id(mask)][1], dropout, scale, gqa)  # (U, H, L, D)
+        u.masks[mask] = m.masked_fill(hidden, False if m.dtype == torch.bool else torch.finfo(m.dtype).min)[:, None]
+    out = attend(q, k, v, u.masks[mask], dropout, scale, gqa)  # (U, H, L, D)
     return out.transpose(1, 2).reshape(U * L, H * D).index_select(0, u.back).view(B, S, H, D)
 
 

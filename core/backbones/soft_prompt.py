@@ -390,7 +390,7 @@ class SoftPromptModel(nn.Module):
         last, rows = None, None  # the last layer's MLP, and the rows it runs where only some are read
         if read:
             last = getattr(getattr(self.backbone.model.base_model, "layers", [None])[-1], "mlp", None)
-            rows = torch.tensor([k * S + starts[k][j] + n for k, j, n in read], dtype=torch.long, device=dev)
+            rows = torch.tensor([k * S + starts[k][j] + t for k, j, t in read], dtype=torch.long, device=dev)
         with lean.rows_read(last, rows):
             out = self.backbone.model.base_model(inputs_embeds=tokens, attention_mask=self._masks(allowed, pos_t, keys, tokens.dtype),
                                                  position_ids=pos_t, cache=cache, use_cache=False, **more).last_hidden_state
@@ -593,7 +593,7 @@ class SoftPromptModel(nn.Module):
                         where[i, o] = (k, len(packs[k]))
                         packs[k].append(Segment(a[:-1], start=start + len(xs[i]), sees=(mine,), cache=cache))
         # Each predicting position once: the input's last token, then every option's fed tokens.
-        read = []  # per predicting position: (pack, segment, offset)
+        read = []  # per predicting position: (pack, segment, offset in the segment)
         predictor, target, option = [], [], []  # per answer token
         n_options = 0
         for i, (x, opts) in enumerate(zip(xs, ans)):
@@ -603,12 +603,12 @@ class SoftPromptModel(nn.Module):
                 predictor.append(last)
                 if len(a) > 1:
                     predictor += range(len(read), len(read) + len(a) - 1)
-                    read += [(*where[i, o], n) for n in range(len(a) - 1)]
+                    read += [(*where[i, o], t) for t in range(len(a) - 1)]
                 target += a
                 option += [n_options] * len(a)
                 n_options += 1
         out, starts = self._run_packs(packs, None, cached=states, blocks="units", read=read)
-        pack, index = [k for k, _, _ in read], [starts[k][j] + n for k, j, n in read]
+        pack, index = [k for k, _, _ in read], [starts[k][j] + t for k, j, t in read]
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
         lp = self._token_logprobs(self._head(out[t(pack), t(index)]), t(target), t(predictor))
         return torch.zeros(n_options, device=out.device).index_add(0, t(option), lp)
