@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from core.algorithms.pt import RunResult, TrainConfig, best_of, train_prompt
 from core.backbones.soft_prompt import SoftPromptModel, plan_packs
@@ -17,6 +18,16 @@ from core.tasks.base import Example, Split, TaskInfo
 SENTIMENT = TaskInfo("tiny_sentiment", "classification", "ACC", ("positive", "negative"))
 TRAIN = [Example("the movie was good", ("positive",)), Example("the film was awful", ("negative",)),
          Example("a great film", ("positive",)), Example("a bad movie", ("negative",))]
+
+
+class LargestFloat32(TorchDispatchMode):  # the most elements of any fp32 tensor an operator makes (not a view)
+    most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and not func.is_view:
+            self.most = max(self.most, out.numel())
+        return out
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -422,6 +433,62 @@ def test_ranking_runs_the_prompt_and_template_once_for_all_its_batches(tiny_dir)
             assert best[i] == options[i][int(own.argmax())]
 
 
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_ranking_scores_leave_out_only_the_log_normalizer_an_inputs_options_share(tiny_dir, arch):
+    """rank's scores (relative): each option's log-likelihood less its input's last position's
+    logsumexp, a constant of the input, so the order is the same; that position's head runs over
+    the options' first words only, the full vocabulary at the options' own positions alone."""
+    from core.backbones import load
+
+    backbone = load(str(tiny_dir[CAUSAL[arch]]), attn="sdpa")
+    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
+    inputs = [TEMPLATE + t for t in ("the movie was good and great", "awful", "what color is the sky ?")] + ["hello"]
+    options = [("positive", "negative"), ("a bad movie", "great", "the film"), ("blue",), ("friend", "you see")]
+    heads, run = [], model._head_logprobs  # (positions, those normalized) of each call
+    model._head_logprobs = lambda h, tokens, rows, normalized=None: heads.append(
+        (len(h), len(h) if normalized is None else int(normalized.sum()))) or run(h, tokens, rows, normalized)
+    with torch.no_grad():
+        exact = model.option_logliks(inputs, options)
+        relative = model.option_logliks(inputs, options, relative=True)
+    fed = sum(len(model._tokens(o, True)) - 1 for opts in options for o in opts)  # the options' own positions
+    assert heads == [(len(inputs) + fed, len(inputs) + fed), (len(inputs) + fed, fed)]
+    for ours, theirs in zip(relative, exact):
+        shift = ours - theirs
+        torch.testing.assert_close(shift, shift[:1].expand_as(shift), atol=1e-5, rtol=1e-5)
+        assert shift[0] > 0  # a logsumexp over the vocabulary left out
+        assert int(ours.argmax()) == int(theirs.argmax())
+
+
+@pytest.mark.parametrize("cap", [None, 3.0], ids=["no softcap", "softcap"])
+def test_head_log_probs_without_autograd_run_the_head_by_blocks_of_words(tiny_dir, cap):
+    from core.backbones import load
+
+    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    backbone.model.config.final_logit_softcapping = cap
+    head = backbone.model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.randn(head.weight.shape[0], generator=torch.Generator().manual_seed(1)))
+    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
+    model.HEAD_WORDS = 7  # not a divisor of the vocabulary: a short last block
+    V = head.weight.shape[0]
+    assert V % 7
+    hidden = torch.randn(5, backbone.dim, generator=torch.Generator().manual_seed(0))
+    rows, tokens = torch.tensor([0, 0, 3, 4, 4, 2]), torch.tensor([7, V - 1, 0, 12, 7, 5])
+    logits = model._head(hidden)
+    expected = torch.log_softmax(logits, -1)[rows, tokens]
+    with torch.no_grad(), LargestFloat32() as seen:
+        got = model._head_logprobs(hidden, tokens, rows)
+        assert seen.most < 5 * V  # never the (5, V) logits
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        normalized = torch.tensor([True, False, True, True, False])
+        partial = model._head_logprobs(hidden, tokens, rows, normalized)
+    torch.testing.assert_close(partial, torch.where(normalized[rows], expected, logits[rows, tokens]), rtol=1e-6, atol=1e-6)
+    with torch.enable_grad():  # with autograd, the same, differentiable
+        h = hidden.clone().requires_grad_()
+        model._head_logprobs(h, tokens, rows, normalized).sum().backward()
+    assert h.grad is not None and h.grad[1].abs().sum() == 0  # row 1 is not read
+
+
 def test_units_and_blocks_of_a_pack():
     from core.backbones.blocked import plan, units
 
@@ -539,17 +606,6 @@ def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir,
 
 
 def test_answer_log_probs_without_autograd_take_fp32_a_few_rows_at_a_time():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestFloat32(TorchDispatchMode):  # the most elements of any fp32 tensor an operator makes
-        most = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.dtype == torch.float32:
-                self.most = max(self.most, out.numel())
-            return out
-
     gen = torch.Generator().manual_seed(0)
     logits = (4 * torch.randn(6, 50, generator=gen)).to(torch.bfloat16)  # a bf16 backbone's head
     rows, tokens = torch.tensor([0, 0, 3, 5, 5]), torch.tensor([7, 49, 0, 12, 7])

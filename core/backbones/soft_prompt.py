@@ -173,9 +173,41 @@ class SoftPromptModel(nn.Module):
         return embeds, mask, p.shape[1]
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.backbone.model.get_output_embeddings()(hidden)
+        return self._capped(self.backbone.model.get_output_embeddings()(hidden))
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
         cap = getattr(self.backbone.model.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
+
+    # The head's words per matrix multiply when ranking. Gemma-3-270M's 262,144-word head (168M
+    # of its 268M parameters, 671 MB in fp32) over a batch's 96 predicting positions ran at 84
+    # GFLOP/s whole, at 138 by blocks of 1,024 words, each block's logsumexp taken while it is in
+    # cache (an EPYC, 2 cores; docs/performance.md, "The head by blocks of words").
+    HEAD_WORDS = 1024
+
+    def _head_logprobs(self, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
+                       normalized: torch.Tensor | None = None) -> torch.Tensor:
+        """log_softmax(_head(hidden)) in fp32 at (rows[i], tokens[i]): (M,). Without autograd the
+        head runs HEAD_WORDS words at a time, and no (N, V) logits are made. `normalized`: (N,)
+        bool, the rows whose log-normalizer (logsumexp over the vocabulary) is subtracted, all by
+        default; a row without it gives its tokens' logits, log-probabilities plus a constant of
+        that row."""
+        if torch.is_grad_enabled():
+            logits = self._head(hidden)
+            lp = self._token_logprobs(logits, tokens, rows)
+            return lp if normalized is None else torch.where(normalized[rows], lp, logits[rows, tokens].float())
+        head = self.backbone.model.get_output_embeddings()
+        w, b = head.weight, head.bias
+        picked = (hidden[rows, None, :] @ w[tokens, :, None])[:, 0, 0]
+        picked = self._capped(picked if b is None else picked + b[tokens]).float()
+        keep = torch.arange(len(hidden), device=hidden.device) if normalized is None else normalized.nonzero()[:, 0]
+        lse = torch.zeros(len(hidden), device=hidden.device)
+        if len(keep):
+            h, c = hidden[keep], self.HEAD_WORDS
+            blocks = [torch.logsumexp(self._capped(F.linear(h, w[v : v + c], None if b is None else b[v : v + c])).float(), -1)
+                      for v in range(0, len(w), c)]
+            lse[keep] = torch.logsumexp(torch.stack(blocks, -1), -1)
+        return picked - lse[rows]
 
     LOGPROB_ELEMENTS = 2**22  # _token_logprobs' rows at a time, in logits: 16 MB of fp32
 
@@ -519,7 +551,10 @@ class SoftPromptModel(nn.Module):
     @torch.no_grad()
     def rank(self, examples: list[Example], options: list[tuple[str, ...]], batch_size: int = 32,
              prompt: torch.Tensor | None = None) -> list[str]:
-        """Rank classification: the option with the highest summed log-likelihood."""
+        """Rank classification: the option with the highest summed log-likelihood. The scores
+        compared leave out the log-normalizer of an input's last position, which predicts the
+        first token of every one of its options: the same for all of them, so the same ranking,
+        and the head there needs only the options' first words (option_logliks' `relative`)."""
         # Similar lengths together: less padding in every batch.
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input))
         best: list[str] = [""] * len(examples)
@@ -528,21 +563,24 @@ class SoftPromptModel(nn.Module):
             self.causal and self._packable()) else None
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
-            scores = self.option_logliks([examples[i].input for i in chunk], [options[i] for i in chunk], prompt, prefix)
+            scores = self.option_logliks([examples[i].input for i in chunk], [options[i] for i in chunk], prompt, prefix,
+                                         relative=True)
             for i, sc in zip(chunk, scores):
                 best[i] = options[i][int(sc.argmax())]
         return best
 
     def option_logliks(self, inputs: list[str], options: list[tuple[str, ...]], prompt: torch.Tensor | None = None,
-                       prefix: tuple[list[int], PromptStates] | None = None) -> list[torch.Tensor]:
+                       prefix: tuple[list[int], PromptStates] | None = None, relative: bool = False) -> list[torch.Tensor]:
         """Summed log-likelihood of each option of each input: one (n_options,) tensor per input.
-        `prefix`: `_option_prefix` of these inputs' (or more inputs') tokens, computed before."""
+        `prefix`: `_option_prefix` of these inputs' (or more inputs') tokens, computed before.
+        `relative`: an input's scores may all be off by one constant of that input (packed, its
+        last position's log-normalizer is left out), which leaves their order as it is."""
         rows = [i for i, opts in enumerate(options) for _ in opts]
         flat = [o for opts in options for o in opts]
         if not self.causal:
             scores = self.sequence_logliks([inputs[i] for i in rows], flat, prompt)
         elif self._packable():
-            scores = self._packed_option_logliks(inputs, options, prompt, prefix)
+            scores = self._packed_option_logliks(inputs, options, prompt, prefix, relative)
         else:
             scores = self._shared_prefix_logliks(inputs, rows, flat, prompt)
         return list(scores.split([len(o) for o in options]))
@@ -559,7 +597,7 @@ class SoftPromptModel(nn.Module):
         return common, self._prompt_states(p) if len(p) else PromptStates(0, [])
 
     def _packed_option_logliks(self, inputs: list[str], options: list[tuple[str, ...]], prompt: torch.Tensor | None,
-                               prefix: tuple[list[int], PromptStates] | None = None) -> torch.Tensor:
+                               prefix: tuple[list[int], PromptStates] | None = None, relative: bool = False) -> torch.Tensor:
         """Causal LMs: every input and all of its options in one forward, packed end to end.
         The prompt runs once, as a KV cache shared by the packs; in a pack each input is followed
         by its options, each option attending to the prompt, its input and itself (a block mask)
@@ -594,11 +632,12 @@ class SoftPromptModel(nn.Module):
                         packs[k].append(Segment(a[:-1], start=start + len(xs[i]), sees=(mine,), cache=cache))
         # Each predicting position once: the input's last token, then every option's fed tokens.
         read = []  # per predicting position: (pack, segment, offset in the segment)
-        predictor, target, option = [], [], []  # per answer token
+        predictor, target, option, inputs_last = [], [], [], []  # per answer token; read's inputs' last
         n_options = 0
         for i, (x, opts) in enumerate(zip(xs, ans)):
             read.append((*where[i, -1], len(x) - 1))
             last = len(read) - 1
+            inputs_last.append(last)
             for o, a in enumerate(opts):
                 predictor.append(last)
                 if len(a) > 1:
@@ -610,7 +649,11 @@ class SoftPromptModel(nn.Module):
         out, starts = self._run_packs(packs, None, cached=states, blocks="units", read=read)
         pack, index = [k for k, _, _ in read], [starts[k][j] + t for k, j, t in read]
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
-        lp = self._token_logprobs(self._head(out[t(pack), t(index)]), t(target), t(predictor))
+        normalized = None
+        if relative:  # not at an input's last position
+            normalized = torch.ones(len(read), dtype=torch.bool, device=out.device)
+            normalized[t(inputs_last)] = False
+        lp = self._head_logprobs(out[t(pack), t(index)], t(target), t(predictor), normalized)
         return torch.zeros(n_options, device=out.device).index_add(0, t(option), lp)
 
     def _shared_prefix_logliks(self, inputs: list[str], rows: list[int], answers: list[str],
@@ -640,7 +683,7 @@ class SoftPromptModel(nn.Module):
                                    position_ids=q_pos, cache=cache, use_cache=False).last_hidden_state
             predictors = torch.cat([predictors, out], dim=1)
         predictors = predictors[amask.bool()]
-        lp = self._token_logprobs(self._head(predictors), ids[amask.bool()])
+        lp = self._head_logprobs(predictors, ids[amask.bool()], torch.arange(len(predictors), device=dev))
         return torch.zeros(len(ans), device=dev).index_add(0, amask.nonzero()[:, 0], lp)
 
     @torch.no_grad()
