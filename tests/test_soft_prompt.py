@@ -431,6 +431,17 @@ def test_ranking_runs_the_prompt_and_template_once_for_all_its_batches(tiny_dir)
         for i, scores, own in zip(b, ours, theirs):
             torch.testing.assert_close(scores, own, atol=1e-5, rtol=1e-5)
             assert best[i] == options[i][int(own.argmax())]
+    # the head over the predicting positions of as many batches as make HEAD_ROWS: a batch of 2
+    # inputs has 6 (each input's last, each option's one fed token), so batches 1-2, then 3
+    heads, head = [], model._head_logprobs
+    model._head_logprobs = lambda h, *a: heads.append(len(h)) or head(h, *a)
+    model.HEAD_ROWS = 7
+    with torch.no_grad():
+        assert model.rank(examples, options, batch_size=2) == best
+        together = model.option_logliks([inputs[i] for i in order], [options[i] for i in order], batch_size=2)
+    assert heads == [12, 6, 12, 6]
+    for ours, theirs in zip(together, [s for a in alone for s in a]):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 

@@ -557,33 +557,34 @@ class SoftPromptModel(nn.Module):
         and the head there needs only the options' first words (option_logliks' `relative`)."""
         # Similar lengths together: less padding in every batch.
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input))
+        scores = self.option_logliks([examples[i].input for i in order], [options[i] for i in order], prompt,
+                                     relative=True, batch_size=batch_size)
         best: list[str] = [""] * len(examples)
-        # Packed, the prompt and the inputs' template run once for all the batches.
-        prefix = self._option_prefix([self._tokens(e.input, False) for e in examples], prompt) if (
-            self.causal and self._packable()) else None
-        for s in range(0, len(order), batch_size):
-            chunk = order[s : s + batch_size]
-            scores = self.option_logliks([examples[i].input for i in chunk], [options[i] for i in chunk], prompt, prefix,
-                                         relative=True)
-            for i, sc in zip(chunk, scores):
-                best[i] = options[i][int(sc.argmax())]
+        for i, sc in zip(order, scores):
+            best[i] = options[i][int(sc.argmax())]
         return best
 
     def option_logliks(self, inputs: list[str], options: list[tuple[str, ...]], prompt: torch.Tensor | None = None,
-                       prefix: tuple[list[int], PromptStates] | None = None, relative: bool = False) -> list[torch.Tensor]:
+                       prefix: tuple[list[int], PromptStates] | None = None, relative: bool = False,
+                       batch_size: int | None = None) -> list[torch.Tensor]:
         """Summed log-likelihood of each option of each input: one (n_options,) tensor per input.
+        `batch_size` inputs at a time go through the backbone (all at once by default).
         `prefix`: `_option_prefix` of these inputs' (or more inputs') tokens, computed before.
         `relative`: an input's scores may all be off by one constant of that input (packed, its
         last position's log-normalizer is left out), which leaves their order as it is."""
-        rows = [i for i, opts in enumerate(options) for _ in opts]
-        flat = [o for opts in options for o in opts]
-        if not self.causal:
-            scores = self.sequence_logliks([inputs[i] for i in rows], flat, prompt)
-        elif self._packable():
-            scores = self._packed_option_logliks(inputs, options, prompt, prefix, relative)
-        else:
-            scores = self._shared_prefix_logliks(inputs, rows, flat, prompt)
-        return list(scores.split([len(o) for o in options]))
+        size = batch_size or max(1, len(inputs))
+        if self.causal and self._packable():
+            scores = self._packed_option_logliks(inputs, options, prompt, prefix, relative, size)
+            return list(scores.split([len(o) for o in options]))
+        out = []
+        for s in range(0, len(inputs), size):
+            ins, opts = inputs[s : s + size], options[s : s + size]
+            rows = [i for i, o in enumerate(opts) for _ in o]
+            flat = [o for os in opts for o in os]
+            scores = (self.sequence_logliks([ins[i] for i in rows], flat, prompt) if not self.causal
+                      else self._shared_prefix_logliks(ins, rows, flat, prompt))
+            out += scores.split([len(o) for o in opts])
+        return out
 
     def _option_prefix(self, xs: list[list[int]], prompt: torch.Tensor | None) -> tuple[list[int], PromptStates]:
         """The tokens that inputs `xs` begin with (their task's template; SHARE_PREFIX), and the
@@ -596,26 +597,57 @@ class SoftPromptModel(nn.Module):
             p = torch.cat([p.to(embedded.dtype), embedded])
         return common, self._prompt_states(p) if len(p) else PromptStates(0, [])
 
+    # Predicting positions the head takes at once when ranking: the batches' positions are
+    # gathered up to it. Gemma-3-270M's 262,144-word head by blocks at 256 positions ran at 161
+    # GFLOP/s, at a batch's 64 at 119 (scripts/head_blocks.py; an EPYC, 2 cores).
+    HEAD_ROWS = 256
+
     def _packed_option_logliks(self, inputs: list[str], options: list[tuple[str, ...]], prompt: torch.Tensor | None,
-                               prefix: tuple[list[int], PromptStates] | None = None, relative: bool = False) -> torch.Tensor:
-        """Causal LMs: every input and all of its options in one forward, packed end to end.
-        The prompt runs once, as a KV cache shared by the packs; in a pack each input is followed
-        by its options, each option attending to the prompt, its input and itself (a block mask)
-        at the positions it would have right after its input. So an input runs once however
-        many options it has, and nothing is copied per option. An option's first token is
-        predicted by its input's last state, shared by its options; its last (EOS) is not fed.
-        The tokens the inputs begin with (their task's template; SHARE_PREFIX) join the
+                               prefix: tuple[list[int], PromptStates] | None = None, relative: bool = False,
+                               batch_size: int | None = None) -> torch.Tensor:
+        """Causal LMs: a batch's inputs and all of their options in one forward, packed end to
+        end. The prompt runs once, as a KV cache shared by the packs; in a pack each input is
+        followed by its options, each option attending to the prompt, its input and itself (a
+        block mask) at the positions it would have right after its input. So an input runs once
+        however many options it has, and nothing is copied per option. An option's first token
+        is predicted by its input's last state, shared by its options; its last (EOS) is not
+        fed. The tokens the inputs begin with (their task's template; SHARE_PREFIX) join the
         prompt's KV cache, seen by the inputs that begin with them; `prefix` is that cache's
-        states, computed once for all the batches of a ranking (`_option_prefix`). On a CPU a
-        batch is one pack (up to BLOCKED_PACK_TOKENS), its attention run an input and its
-        options a row of one padded batch (BLOCKED)."""
-        P = len(self.prompt if prompt is None else prompt)
+        states, computed once for all the batches here if not given (`_option_prefix`). On a CPU
+        a batch is one pack (up to BLOCKED_PACK_TOKENS), its attention run an input and its
+        options a row of one padded batch (BLOCKED). The head runs once per HEAD_ROWS
+        predicting positions, over as many batches as make them."""
         xs = [self._tokens(t, False) for t in inputs]
-        common, states = prefix or self._option_prefix(xs, prompt)
+        prefix = prefix or self._option_prefix(xs, prompt)
+        ans = [[self._tokens(o, True) for o in opts] for opts in options]
+        first = [0]  # each input's first option's index
+        for opts in options:
+            first.append(first[-1] + len(opts))
+        scores = torch.zeros(first[-1], device=self.backbone.device)
+        pending = []  # batches not through the head yet: (hidden, target, predictor, option, an input's last)
+        size = batch_size or max(1, len(inputs))
+        for s in range(0, len(inputs), size):
+            pending.append(self._option_positions(xs[s : s + size], ans[s : s + size], first[s], prefix, prompt))
+            if s + size < len(inputs) and sum(len(h) for h, *_ in pending) < self.HEAD_ROWS:
+                continue
+            hidden, target, predictor, option, last = (torch.cat(v) for v in zip(*pending))
+            shift = torch.tensor([0] + [len(h) for h, *_ in pending[:-1]], device=hidden.device).cumsum(0)
+            predictor += shift.repeat_interleave(torch.tensor([len(p) for _, _, p, _, _ in pending], device=hidden.device))
+            scores.index_add_(0, option, self._head_logprobs(hidden, target, predictor, ~last if relative else None))
+            pending = []
+        return scores
+
+    def _option_positions(self, xs: list[list[int]], ans: list[list[list[int]]], first: int,
+                          prefix: tuple[list[int], PromptStates], prompt: torch.Tensor | None):
+        """One batch of _packed_option_logliks through the backbone: the hidden states at its
+        predicting positions (R, d), and per answer token its id, its position's row there and
+        its option's index (the batch's first option is `first`), and which rows are an input's
+        last (R,) bool."""
+        P = len(self.prompt if prompt is None else prompt)
+        common, states = prefix
         n = len(common)  # the inputs that begin with it (and go on after it) see it in the cache
         shared = [n if n and len(x) > n and x[:n] == common else 0 for x in xs]
         xs = [x[m:] for x, m in zip(xs, shared)]
-        ans = [[self._tokens(o, True) for o in opts] for opts in options]
         sizes = [len(x) + sum(len(a) - 1 for a in opts) for x, opts in zip(xs, ans)]
         packs, where = [], {}  # (input, -1 or option) -> (pack, segment)
         most = self.BLOCKED_PACK_TOKENS if self._blocked() else self.PACK_TOKENS
@@ -633,7 +665,6 @@ class SoftPromptModel(nn.Module):
         # Each predicting position once: the input's last token, then every option's fed tokens.
         read = []  # per predicting position: (pack, segment, offset in the segment)
         predictor, target, option, inputs_last = [], [], [], []  # per answer token; read's inputs' last
-        n_options = 0
         for i, (x, opts) in enumerate(zip(xs, ans)):
             read.append((*where[i, -1], len(x) - 1))
             last = len(read) - 1
@@ -644,17 +675,14 @@ class SoftPromptModel(nn.Module):
                     predictor += range(len(read), len(read) + len(a) - 1)
                     read += [(*where[i, o], t) for t in range(len(a) - 1)]
                 target += a
-                option += [n_options] * len(a)
-                n_options += 1
+                option += [first] * len(a)
+                first += 1
         out, starts = self._run_packs(packs, None, cached=states, blocks="units", read=read)
         pack, index = [k for k, _, _ in read], [starts[k][j] + t for k, j, t in read]
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
-        normalized = None
-        if relative:  # not at an input's last position
-            normalized = torch.ones(len(read), dtype=torch.bool, device=out.device)
-            normalized[t(inputs_last)] = False
-        lp = self._head_logprobs(out[t(pack), t(index)], t(target), t(predictor), normalized)
-        return torch.zeros(n_options, device=out.device).index_add(0, t(option), lp)
+        is_last = torch.zeros(len(read), dtype=torch.bool, device=out.device)
+        is_last[t(inputs_last)] = True
+        return out[t(pack), t(index)], t(target), t(predictor), t(option), is_last
 
     def _shared_prefix_logliks(self, inputs: list[str], rows: list[int], answers: list[str],
                                prompt: torch.Tensor | None) -> torch.Tensor:
