@@ -180,10 +180,12 @@ class SoftPromptModel(nn.Module):
         return torch.tanh(logits / cap) * cap if cap else logits
 
     # The head's words per matrix multiply when ranking. Gemma-3-270M's 262,144-word head (168M
-    # of its 268M parameters, 671 MB in fp32) over a batch's 96 predicting positions ran at 84
-    # GFLOP/s whole, at 138 by blocks of 1,024 words, each block's logsumexp taken while it is in
-    # cache (an EPYC, 2 cores; docs/performance.md, "The head by blocks of words").
+    # of its 268M parameters, 671 MB in fp32) at 256 predicting positions ran at 94 GFLOP/s whole,
+    # at 155 by blocks of 1,024 words, each block's logsumexp taken while it is in cache; in bf16
+    # at 388 whole, 591 by blocks of 4,096, where smaller blocks lose to the calls' own cost
+    # (scripts/head_blocks.py; an EPYC, 2 cores; docs/performance.md, "Ranking's head by blocks").
     HEAD_WORDS = 1024
+    HEAD_WORDS_BF16 = 4096
 
     def _head_logprobs(self, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
                        normalized: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,7 +205,7 @@ class SoftPromptModel(nn.Module):
         keep = torch.arange(len(hidden), device=hidden.device) if normalized is None else normalized.nonzero()[:, 0]
         lse = torch.zeros(len(hidden), device=hidden.device)
         if len(keep):
-            h, c = hidden[keep], self.HEAD_WORDS
+            h, c = hidden[keep], self.HEAD_WORDS_BF16 if w.dtype == torch.bfloat16 else self.HEAD_WORDS
             blocks = [torch.logsumexp(self._capped(F.linear(h, w[v : v + c], None if b is None else b[v : v + c])).float(), -1)
                       for v in range(0, len(w), c)]
             lse[keep] = torch.logsumexp(torch.stack(blocks, -1), -1)
@@ -598,8 +600,8 @@ class SoftPromptModel(nn.Module):
         return common, self._prompt_states(p) if len(p) else PromptStates(0, [])
 
     # Predicting positions the head takes at once when ranking: the batches' positions are
-    # gathered up to it. Gemma-3-270M's 262,144-word head by blocks at 256 positions ran at 161
-    # GFLOP/s, at a batch's 64 at 119 (scripts/head_blocks.py; an EPYC, 2 cores).
+    # gathered up to it. Gemma-3-270M's 262,144-word head by blocks at 256 positions ran at 155
+    # GFLOP/s, at a batch's 64 at 116 (scripts/head_blocks.py; an EPYC, 2 cores).
     HEAD_ROWS = 256
 
     def _packed_option_logliks(self, inputs: list[str], options: list[tuple[str, ...]], prompt: torch.Tensor | None,
