@@ -500,6 +500,24 @@ def test_head_log_probs_without_autograd_run_the_head_by_blocks_of_words(tiny_di
     assert h.grad is not None and h.grad[1].abs().sum() == 0  # row 1 is not read
 
 
+
+def test_a_packs_forward_keeps_only_the_prompts_keys_and_values_in_its_cache(tiny_dir):
+    """Ranking's forward hands each layer the prompt's keys and values followed by the pack's,
+    and its cache keeps the prompt's alone: no layer's states are held until the forward ends."""
+    from core.backbones import load
+
+    backbone = load(str(tiny_dir["causal"]), attn="sdpa")
+    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
+    caches, make = [], model._prompt_cache
+    model._prompt_cache = lambda *a, **kw: caches.append(make(*a, **kw)) or caches[-1]
+    with torch.no_grad():
+        scores = model.option_logliks(["the movie was good", "awful"], [("positive", "negative")] * 2)
+    assert len(caches) == 1 and [layer.keys.shape[2] for layer in caches[0].layers] == [3] * backbone.model.config.num_hidden_layers
+    keys, values = caches[0].update(torch.ones(1, 2, 2, 8), torch.zeros(1, 2, 2, 8), 0)
+    assert keys.shape[2] == values.shape[2] == 5 and caches[0].layers[0].keys.shape[2] == 3
+    assert all(torch.isfinite(s).all() for s in scores)
+
+
 def test_units_and_blocks_of_a_pack():
     from core.backbones.blocked import plan, units
 

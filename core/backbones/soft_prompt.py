@@ -272,13 +272,18 @@ class SoftPromptModel(nn.Module):
                                                cache=_full_cache(), use_cache=True).cache
         return PromptStates(p.shape[1], [(layer.keys, layer.values) for layer in cache.layers])
 
-    def _prompt_cache(self, p: torch.Tensor | PromptStates, copies: int):
+    def _prompt_cache(self, p: torch.Tensor | PromptStates, copies: int, keep: bool = True):
         """A fresh KV cache of a (P, d) prompt, or of its states computed before, one copy per
-        row of a batch of `copies`."""
+        row of a batch of `copies`. Without `keep` it hands each layer the prompt's keys and
+        values followed by the forward's own but keeps only the prompt's, so that a forward
+        whose states are not wanted afterwards does not hold every layer's until it ends."""
         states = p if isinstance(p, PromptStates) else self._prompt_states(p)
         cache = _full_cache()
         for i, (k, v) in enumerate(states.layers):
             cache.update(k.expand(copies, -1, -1, -1), v.expand(copies, -1, -1, -1), i)
+        if not keep:
+            layers = cache.layers
+            cache.update = lambda k, v, i, *a, **kw: (torch.cat([layers[i].keys, k], -2), torch.cat([layers[i].values, v], -2))
         return cache
 
     def _window(self) -> int | None:
@@ -400,7 +405,7 @@ class SoftPromptModel(nn.Module):
             tokens = torch.where((src_t > 0)[..., None], flat.to(tokens.dtype)[src_t], tokens)
         cache = None
         if C:
-            cache = self._prompt_cache(cached, len(packs))  # one copy per pack, not per row
+            cache = self._prompt_cache(cached, len(packs), keep=False)  # one copy per pack, not per row
             sees_cache = torch.arange(C, device=dev) < seen.to(dev)[b[:, :, 0], seg_t][..., None]
             allowed = torch.cat([sees_cache, allowed], dim=2)
         keys = torch.cat([torch.arange(C, device=dev).expand(len(packs), C), pos_t], 1) if self._window() else None
