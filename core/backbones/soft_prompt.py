@@ -13,6 +13,7 @@ Seq2seq models take [P][input] in the encoder and the answer in the decoder.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections import Counter
@@ -610,8 +611,7 @@ class SoftPromptModel(nn.Module):
     HEAD_ROWS = 256
 
     def _packed_option_logliks(self, inputs: list[str], options: list[tuple[str, ...]], prompt: torch.Tensor | None,
-                               prefix: tuple[list[int], PromptStates] | None = None, relative: bool = False,
-                               batch_size: int | None = None) -> torch.Tensor:
+                               prefix: tuple[list[int], PromptStates] | None, relative: bool, batch_size: int) -> torch.Tensor:
         """Causal LMs: a batch's inputs and all of their options in one forward, packed end to
         end. The prompt runs once, as a KV cache shared by the packs; in a pack each input is
         followed by its options, each option attending to the prompt, its input and itself (a
@@ -627,19 +627,18 @@ class SoftPromptModel(nn.Module):
         xs = [self._tokens(t, False) for t in inputs]
         prefix = prefix or self._option_prefix(xs, prompt)
         ans = [[self._tokens(o, True) for o in opts] for opts in options]
-        first = [0]  # each input's first option's index
-        for opts in options:
-            first.append(first[-1] + len(opts))
+        first = [0, *itertools.accumulate(len(opts) for opts in options)]  # each input's first option's index
         scores = torch.zeros(first[-1], device=self.backbone.device)
         pending = []  # batches not through the head yet: (hidden, target, predictor, option, an input's last)
-        size = batch_size or max(1, len(inputs))
-        for s in range(0, len(inputs), size):
-            pending.append(self._option_positions(xs[s : s + size], ans[s : s + size], first[s], prefix, prompt))
-            if s + size < len(inputs) and sum(len(h) for h, *_ in pending) < self.HEAD_ROWS:
+        for s in range(0, len(inputs), batch_size):
+            pending.append(self._option_positions(xs[s : s + batch_size], ans[s : s + batch_size], first[s], prefix, prompt))
+            if s + batch_size < len(inputs) and sum(len(h) for h, *_ in pending) < self.HEAD_ROWS:
                 continue
+            offset = 0
+            for h, _, predictor, _, _ in pending:  # a batch's rows come after the batches' before it
+                predictor += offset
+                offset += len(h)
             hidden, target, predictor, option, last = (torch.cat(v) for v in zip(*pending))
-            shift = torch.tensor([0] + [len(h) for h, *_ in pending[:-1]], device=hidden.device).cumsum(0)
-            predictor += shift.repeat_interleave(torch.tensor([len(p) for _, _, p, _, _ in pending], device=hidden.device))
             scores.index_add_(0, option, self._head_logprobs(hidden, target, predictor, ~last if relative else None))
             pending = []
         return scores
