@@ -135,9 +135,10 @@ def test_episodes_in_parallel_threads_give_the_gradient_of_one_at_a_time(tiny_di
         for _ in range(3):
             together, losses = meta_grad(model, prompt, [EPISODE, OTHER], cfg(True))
             # one thread's sums, not two's: at inner lr 0.5 the tiny model amplifies fp32's rounding of
-            # the other thread count's sums to 1.03e-4 (FoMAML, on an EPYC without AVX-512)
+            # the other thread count's sums to 1.03e-4 (FoMAML, on an EPYC without AVX-512), and the
+            # second episode's loss to 1.08e-5 (FoMAML, on an EPYC with AVX-512; so at d06d073 too)
             assert (together - alone).norm() <= 1e-3 * alone.norm()
-            assert losses == pytest.approx(alone_losses, rel=1e-5)
+            assert losses == pytest.approx(alone_losses, rel=1e-4)
             assert torch.get_num_threads() == 2 and torch.backends.cuda.flash_sdp_enabled() == kernels
     finally:
         torch.set_num_threads(threads)
