@@ -361,8 +361,9 @@ def test_ranking_attention_runs_in_one_call_an_input_and_its_options_a_row(tiny_
 @pytest.mark.parametrize("arch", CAUSAL)
 def test_ranking_runs_the_last_layers_mlp_at_its_predicting_positions_only(tiny_dir, arch):
     """Only the predicting positions' last hidden states are read (an input's last token, each
-    option's fed tokens), so the last layer's MLP runs those rows alone; every other layer, and
-    a loss, runs them all. The scores are checked against the plain forward above."""
+    option's fed tokens), so the last layer's MLP runs those rows alone; every other layer runs
+    them all. A loss reads only its answer-predicting positions, so the same holds for it. The
+    scores and losses are checked against the plain forward above."""
     from core.backbones import lean, load
 
     backbone = load(str(tiny_dir[CAUSAL[arch]]), attn="sdpa")
@@ -386,7 +387,9 @@ def test_ranking_runs_the_last_layers_mlp_at_its_predicting_positions_only(tiny_
     assert all(rows[i][-1] == S for i in range(len(layers) - 1))
     rows.clear()
     model.loss(TRAIN)
-    assert len({r[-1] for r in rows.values()}) == 1  # a loss: the same rows in every layer
+    answers = len(model.encode([e.input for e in TRAIN], [e.output for e in TRAIN]).answer_ids)
+    assert rows[len(layers) - 1][-1] == answers < rows[0][-1]  # a loss: its answer tokens' predictors
+    assert len({rows[i][-1] for i in range(len(layers) - 1)}) == 1
 
 
 def test_an_mlp_told_the_rows_read_runs_them_alone(tiny_dir):

@@ -446,7 +446,8 @@ class SoftPromptModel(nn.Module):
         group's prompt once however many rows share it, as if its keys and values were cached,
         in the same forward. The tokens a group's rows begin with (its task's template;
         SHARE_PREFIX) run once per pack too, right after the group's prompt, and those rows go
-        on from there. Each row's last answer token (EOS) predicts nothing and is not fed. With
+        on from there. Each row's last answer token (EOS) predicts nothing and is not fed. The last
+        layer's MLP runs at the answer-predicting positions alone, the only ones read. With
         several groups, on a CPU, the attention runs a block of queries per group, over that
         group's keys only, and the groups share one pack of up to BLOCKED_PACK_TOKENS (BLOCKED)."""
         P = prompts.shape[1]
@@ -484,7 +485,8 @@ class SoftPromptModel(nn.Module):
                     where[r] = (k, len(packs[k]))
                     n = shared[r]
                     packs[k].append(Segment(ids[r][n:], start=P + n, sees=sees + prefix * bool(n)))
-        out, starts = self._run_packs(packs, prompts if P else None, blocks="groups" if by_group else None)
+        read = [(*where[r], at - shared[r]) for r, at in zip(batch.answer_rows.tolist(), batch.answer_pos.tolist())]
+        out, starts = self._run_packs(packs, prompts if P else None, blocks="groups" if by_group else None, read=read)
         t = lambda v: torch.tensor(v, dtype=torch.long, device=out.device)
         pack = t([k for k, _ in where])
         first = t([starts[k][j] - shared[r] for r, (k, j) in enumerate(where)])  # where row r's token 0 would be
