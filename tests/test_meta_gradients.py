@@ -145,9 +145,9 @@ def test_episodes_in_parallel_threads_give_the_gradient_of_one_at_a_time(tiny_di
 
 
 def test_how_a_meta_batch_runs_by_default_and_when_asked(tiny_dir):
-    """By default on a CPU the second-order methods run 2 episodes per forward (at most twice one
-    episode's memory, however long the meta-batch), the others one at a time; parallel threads
-    only when asked, up to one per core."""
+    """By default on a CPU a meta-batch runs 2 episodes per forward (at most twice one episode's
+    memory, however long the meta-batch); MTL, whose meta-batch is one batch, one; parallel
+    threads only when asked, up to one per core."""
     from core.algorithms.upstream import UpstreamConfig, episode_threads, episodes_per_forward
 
     backbone = load(str(tiny_dir["causal"]))
@@ -157,7 +157,7 @@ def test_how_a_meta_batch_runs_by_default_and_when_asked(tiny_dir):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for algorithm, default in [("maml", 2), ("metapt", 2), ("fomaml", 1), ("reptile", 1), ("mtl", 1)]:
+        for algorithm, default in [("maml", 2), ("metapt", 2), ("fomaml", 2), ("reptile", 2), ("mtl", 1)]:
             assert way(algorithm) == (default, 1), algorithm
             assert way(algorithm, parallel_episodes=True) == (1, 2 if algorithm != "mtl" else 1)  # mtl: meta-batch 1
             assert way(algorithm, batch_episodes=False) == (1, 1)

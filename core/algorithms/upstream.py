@@ -4,8 +4,8 @@ one outer optimizer step per meta-batch, with progress and resumable checkpoints
 Each algorithm is one function (model, prompt, episodes, inner_lr, inner_steps) -> (gradient
 summed over the episodes, their losses) plus the paper's defaults for it (the MPT code's run
 scripts). The loop gives it one episode at a time, as the paper; several in one forward, one
-prompt copy each (`batch_episodes`: on a CPU two at a time for the second-order methods, MAML and
-MetaPT, by default; or the whole meta-batch); or, on a CPU, the episodes one each to as many
+prompt copy each (`batch_episodes`: on a CPU two at a time by default; or the whole
+meta-batch); or, on a CPU, the episodes one each to as many
 threads at once, sharing the cores (`parallel_episodes`). All three give the same meta-gradient
 up to float rounding.
 """
@@ -79,8 +79,8 @@ class UpstreamConfig:
     seed: int = 0
     checkpoint_every: int = 0  # outer steps; 0: never
     # the meta-batch's episodes in one forward, one prompt copy per episode (the same gradient):
-    # True: all of them; None: on a CPU, for the second-order methods only (where it pays),
-    # DEFAULT_EPISODES_PER_FORWARD at a time, unless parallel_episodes; False: one at a time
+    # True: all of them; None: on a CPU, DEFAULT_EPISODES_PER_FORWARD at a time, unless
+    # parallel_episodes; False: one at a time
     batch_episodes: bool | None = None
     # on a CPU, the episodes in parallel threads sharing the cores, up to one per thread (the
     # same gradient, with one episode's memory per thread); None or False: off
@@ -120,7 +120,7 @@ class Diverged(UserError):
         self.algorithm, self.step = algorithm, step
 
 
-# By default a second-order method on a CPU runs this many episodes in one forward: their
+# By default a meta-batch on a CPU runs this many episodes in one forward: their
 # matrix multiplies get twice the rows for the same weights read, while the memory stays at most
 # twice one episode's, however long the meta-batch (docs/performance.md).
 DEFAULT_EPISODES_PER_FORWARD = 2
@@ -130,8 +130,7 @@ def episodes_per_forward(model: SoftPromptModel, cfg: UpstreamConfig) -> int:
     """How many of a resolved config's episodes go through the backbone in one forward."""
     if cfg.batch_episodes:
         return cfg.meta_batch
-    auto = (cfg.batch_episodes is None and not cfg.parallel_episodes and ALGORITHMS[cfg.algorithm].second_order
-            and model.backbone.device.type == "cpu")
+    auto = cfg.batch_episodes is None and not cfg.parallel_episodes and model.backbone.device.type == "cpu"
     return min(cfg.meta_batch, DEFAULT_EPISODES_PER_FORWARD) if auto else 1
 
 
