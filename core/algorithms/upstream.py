@@ -5,9 +5,8 @@ Each algorithm is one function (model, prompt, episodes, inner_lr, inner_steps) 
 summed over the episodes, their losses) plus the paper's defaults for it (the MPT code's run
 scripts). The loop gives it one episode at a time, as the paper; several in one forward, one
 prompt copy each (`batch_episodes`: on a CPU two at a time by default; or the whole
-meta-batch); or, on a CPU, the episodes one each to as many
-threads at once, sharing the cores (`parallel_episodes`). All three give the same meta-gradient
-up to float rounding.
+meta-batch); or, on a CPU, the episodes one each to as many threads at once, sharing the cores
+(`parallel_episodes`). All three give the same meta-gradient up to float rounding.
 """
 from __future__ import annotations
 

@@ -51,8 +51,7 @@ def rows_read(mlp: nn.Module | None, rows: torch.Tensor | None):
     """Inside (this thread): the GatedMLP `mlp` runs only the rows `rows` of its input (its
     leading dimensions flattened) and gives zeros for the others: a last layer whose outputs are
     read at a few positions only (rank classification's predicting ones, or the answer-predicting
-    ones of a training loss). As it was for any
-    other module, or with `rows` None."""
+    ones of a training loss). As it was for any other module, or with `rows` None."""
     token = _read.set((mlp, rows) if isinstance(mlp, GatedMLP) and rows is not None else None)
     try:
         yield
