@@ -110,7 +110,7 @@ def _wide_saved(model: SoftPromptModel, widths: tuple[int, int], stock: bool) ->
     kept = {}
 
     def pack(t):
-        if t.dim() == 3 and t.shape[-1] in widths and t.untyped_storage().data_ptr() not in weights:
+        if t.dim() >= 2 and t.shape[-1] in widths and t.untyped_storage().data_ptr() not in weights:
             kept[t.untyped_storage().data_ptr()] = t.shape[-1]
         return t
 
@@ -133,7 +133,8 @@ def test_maml_gets_the_same_meta_gradient_keeping_fewer_wide_tensors(tiny_dir, k
     theirs, n_theirs = _wide_saved(model, widths, stock=True)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
     # per layer, the MLP's width: the support pass keeps gate, up and the incoming gradient, the
-    # query pass gate and up; autograd keeps 9 (SiLU) or 5 (GELU), and 3
+    # query pass gate and up; autograd keeps 9 (SiLU) or 5 (GELU), and 3 (the last layer's lean
+    # MLP keeps them at the answer-predicting rows alone, flattened: counted at any rank)
     assert n_ours[0] == 5 * layers and n_theirs[0] == KINDS[kind]["stock_mlp"] * layers
     # the hidden width: each norm keeps its input and, in the support pass, the incoming
     # gradient; autograd keeps two more per norm there (those of each layer and the final one;
