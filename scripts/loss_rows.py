@@ -2,13 +2,12 @@
 alone (`lean.rows_read`, which `SoftPromptModel._packed_hidden` sets)? Seconds for one
 meta-batch's gradient with it and with the MLP over every row (`lean.rows_read` made a no-op),
 in one process, taking turns, median of 6 after 1 warm-up: no machine drift between the two.
-SmolLM2-135M (fp32, or bf16 if asked), prompt 20, input cap 64, the paper's per-algorithm
-defaults and primer's (a CPU: MAML's and FoMAML's meta-batch of 2 in one forward), episodes from
-the k-shot splits (seed 100) of bench's four source tasks. The two gradients are checked equal
-first.
+The bench's model and source tasks (bench.__main__.setup: SmolLM2-135M, fp32 unless asked,
+prompt 20, input cap 64), the paper's per-algorithm defaults and primer's (a CPU: MAML's and
+FoMAML's meta-batch of 2 in one forward), episodes from the k-shot splits (seed 100) of bench's
+four source tasks. The two gradients are checked equal first.
 
-  .venv/bin/python scripts/loss_rows.py
-  .venv/bin/python scripts/loss_rows.py bf16
+  .venv/bin/python scripts/loss_rows.py [bench options, e.g. --dtype bf16]
 """
 import contextlib
 import statistics
@@ -16,26 +15,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
-from bench.__main__ import SOURCES
-from bench.measure import fixed_allocator
-from core import backbones
-from core.algorithms.episodes import TaskEpisodes
-from core.algorithms.upstream import ALGORITHMS, UpstreamConfig
-from core.backbones import lean
-from core.backbones.soft_prompt import SoftPromptModel
-from core.prompts import init_prompt
-from core.spec import TaskRef
-from core.tasks import get_split, load_task
+from bench.__main__ import parse, setup  # noqa: E402
+from bench.measure import fixed_allocator  # noqa: E402
+from core.algorithms.episodes import TaskEpisodes  # noqa: E402
+from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
+from core.backbones import lean  # noqa: E402
 
 fixed_allocator()
-torch.manual_seed(0)
-dtype = backbones.DTYPES[sys.argv[1] if len(sys.argv) > 1 else "fp32"]
-backbone = backbones.freeze(backbones.load("smollm2-135m", dtype=dtype))
-model = SoftPromptModel(backbone, init_prompt(backbone, 20, "vocab", seed=0), max_input_tokens=64)
-episodes = TaskEpisodes({n: [get_split(load_task(TaskRef(name=n)), 100)] for n in SOURCES}, seed=0)
+s = setup(parse(["--parts", "meta", *sys.argv[1:]]))
+model = s.model
+episodes = TaskEpisodes(s.sources, seed=0)
 prompt = model.prompt.detach()
 read_rows = lean.rows_read
 every_row = lambda mlp, rows: contextlib.nullcontext()  # noqa: E731
