@@ -1,6 +1,6 @@
 """primer's own meta-training and prompt tuning with the CPU attention's backward two ways: the
 flash kernel's forward and a backward in plain operators (blocked._MathBackward, what bf16 takes
-by default), against SDPA's own backward (blocked.MATH_BACKWARD = ()). The bench's data, backbone
+by default), against SDPA's own backward (blocked.PLAIN_ATTENTION = ()). The bench's data, backbone
 and lengths, the two ways taking turns in one process (bench.measure), after comparing the
 gradient each way.
 
@@ -24,11 +24,11 @@ dtype = s.model.backbone.model.get_input_embeddings().weight.dtype
 
 def way(dtypes: tuple, work):
     def run():
-        default, blocked.MATH_BACKWARD = blocked.MATH_BACKWARD, dtypes
+        default, blocked.PLAIN_ATTENTION = blocked.PLAIN_ATTENTION, dtypes
         try:
             return work()
         finally:
-            blocked.MATH_BACKWARD = default
+            blocked.PLAIN_ATTENTION = default
     return run
 
 

@@ -590,7 +590,7 @@ def test_attention_backward_in_plain_operators_gives_sdpas_gradients():
 @pytest.mark.parametrize("arch", CAUSAL)
 def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir, monkeypatch, arch):
     """In bf16 on a CPU, a loss's attention goes through _MathBackward in every layer, and its
-    prompt gradient is SDPA's own (MATH_BACKWARD = ()) up to bf16's rounding; ranking (no
+    prompt gradient is SDPA's own (PLAIN_ATTENTION = ()) up to bf16's rounding; ranking (no
     gradient) and float32 do not go there. Taken in float64, it gives SDPA's gradients,
     MAML's meta-gradient among them (its support pass's backward differentiated again, where
     SDPA takes the math kernel)."""
@@ -605,7 +605,7 @@ def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir,
     episodes = [Episode("tiny", 0, TRAIN[:2], TRAIN[2:]), Episode("tiny", 1, TRAIN[2:], TRAIN[:2])]
 
     def grads(model: SoftPromptModel, dtypes: tuple, maml: bool = False) -> torch.Tensor:
-        monkeypatch.setattr(blocked, "MATH_BACKWARD", dtypes)
+        monkeypatch.setattr(blocked, "PLAIN_ATTENTION", dtypes)
         calls.clear()
         if maml:
             return maml_grad(model, model.prompt.detach(), episodes, inner_lr=0.1, inner_steps=1)[0]
@@ -635,6 +635,65 @@ def test_bf16_training_attention_takes_the_backward_in_plain_operators(tiny_dir,
     ours = grads(fp64, (torch.float64,), maml=True)
     assert len(calls) == 2 * 2 * layers  # the support pass, then the query pass; in each a block per episode (one pack)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+def test_attention_in_plain_operators_gives_sdpas_output():
+    """blocked._plain (bf16 ranking on a CPU): SDPA's output over grouped key heads in float64,
+    and in bf16 no more than 3 times as far from float64's as SDPA's own flash kernel is (it
+    rounds the softmax to bf16 before the values: about twice)."""
+    from core.backbones.blocked import _plain
+
+    def out(attention, dtype):
+        (q, k, v), mask, _ = _attention_inputs(dtype)
+        with torch.no_grad():
+            return attention(q, k, v, mask).double()
+
+    sdpa = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+    ours = lambda q, k, v, m: _plain(q, k, v, m, None)
+    exact = out(sdpa, torch.float64)
+    torch.testing.assert_close(out(ours, torch.float64), exact, rtol=1e-12, atol=1e-12)
+    error = lambda attention: ((out(attention, torch.bfloat16) - exact).norm() / exact.norm()).item()
+    assert 0 < error(ours) < max(3 * error(sdpa), 1e-3)
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_bf16_ranking_attention_runs_in_plain_operators(tiny_dir, monkeypatch, arch):
+    """In bf16 on a CPU, ranking's attention (no gradient, units of few rows) goes through
+    blocked._plain in every layer, and its scores are SDPA's up to bf16's rounding; past
+    PLAIN_ROWS, and in float32, it does not go there. Taken in float64, the scores are SDPA's.
+    In bf16, they are about as far from those as SDPA's own bf16 scores (at most 1.5 times)."""
+    from core.backbones import blocked, load
+
+    calls = []
+    plain = blocked._plain
+    monkeypatch.setattr(blocked, "_plain", lambda *a: calls.append(a[0].shape) or plain(*a))
+    layers = load(str(tiny_dir[CAUSAL[arch]])).model.config.num_hidden_layers
+    inputs, options = [e.input for e in TRAIN], [SENTIMENT.options] * len(TRAIN)
+
+    def scores(dtype: torch.dtype, dtypes: tuple, rows: int = blocked.PLAIN_ROWS) -> torch.Tensor:
+        backbone = load(str(tiny_dir[CAUSAL[arch]]), attn="sdpa", dtype=dtype)
+        model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
+        monkeypatch.setattr(blocked, "PLAIN_ATTENTION", dtypes)
+        monkeypatch.setattr(blocked, "PLAIN_ROWS", rows)
+        calls.clear()
+        with torch.no_grad():
+            return torch.cat(model.option_logliks(inputs, options, relative=True)).double()
+
+    exact = scores(torch.float64, ())
+    assert calls == []
+    ours = scores(torch.float64, (torch.float64,))
+    assert len(calls) == layers
+    torch.testing.assert_close(ours, exact, rtol=1e-10, atol=1e-10)
+    theirs = scores(torch.bfloat16, ())
+    assert calls == []
+    ours = scores(torch.bfloat16, (torch.bfloat16,))
+    assert len(calls) == layers
+    error = lambda x: (x - exact).abs().mean().item()  # noqa: E731
+    assert 0 < error(ours) < 1.5 * error(theirs)  # rounded differently, not other scores
+    scores(torch.bfloat16, (torch.bfloat16,), rows=1)
+    assert calls == []
+    scores(torch.float32, (torch.bfloat16,))
+    assert calls == []
 
 
 def test_answer_log_probs_without_autograd_take_fp32_a_few_rows_at_a_time():

@@ -16,7 +16,10 @@ In bf16 on a CPU, where a gradient is wanted, each block (or the whole square, a
 `whole`) runs SDPA's flash kernel forward and its backward in plain operators
 (`_MathBackward`): the flash kernel's forward and its own bf16 backward on a CPU take 1.6-2.8
 times as long (docs/performance.md, "bf16 attention: the flash kernel forward, the backward in
-plain operators").
+plain operators"). Where none is wanted (ranking's units) and a block's queries are few
+(`PLAIN_ROWS`), the whole attention runs in plain operators (`_plain`): there the flash
+kernel's bf16 forward takes 1.7-2.9 times as long ("Ranking's attention in bf16 in plain
+operators").
 
 It is transformers' "sdpa" attention function, wrapped (`install`): a forward that passes
 `primer_blocks` gets the blocks; any other call goes to the function as it was.
@@ -135,16 +138,34 @@ class _MathBackward(torch.autograd.Function):
         return (ds @ k).mul_(ctx.scale).view(B, H, S, D), ds.transpose(-1, -2) @ qs, p.transpose(-1, -2) @ g, None, None
 
 
-# The precisions whose CPU attention takes _MathBackward where a gradient is wanted: bf16, whose
-# flash backward is slow. () for SDPA's own backward everywhere (for comparison).
-MATH_BACKWARD = (torch.bfloat16,)
+def _plain(q, k, v, mask, scale: float | None) -> torch.Tensor:
+    """SDPA under an additive mask in plain operators, for no gradient: as _MathBackward's
+    backward, a key head's query heads stacked as rows; the scores and their softmax in q's
+    precision (the flash kernel keeps the softmax in float32: in bf16 an output's error is about
+    twice the flash kernel's, the option scores ranking compares 1.03 times as far from
+    float32's)."""
+    B, H, S, D = q.shape
+    KH, K = k.shape[1], k.shape[2]
+    scale = scale if scale is not None else D ** -0.5
+    scores = ((q * scale).reshape(B, KH, -1, D) @ k.transpose(-1, -2)).view(B, KH, -1, S, K).add_(mask[:, :, None])
+    return (scores.softmax(-1).view(B, KH, -1, K) @ v).view(B, H, S, D)
+
+
+# The precisions whose CPU attention runs in plain operators: with a gradient wanted, the
+# backward (_MathBackward); without one, over at most PLAIN_ROWS queries a block, all of it
+# (_plain). bf16, whose flash kernel is slow both ways on a CPU; () for SDPA alone (for comparison).
+PLAIN_ATTENTION = (torch.bfloat16,)
+PLAIN_ROWS = 128  # past it the flash kernel's forward gains on the plain one, and the scores' memory grows
 
 
 def attend(q, k, v, mask, dropout: float, scale: float | None, gqa: bool) -> torch.Tensor:
-    """SDPA on one block: in bf16 (MATH_BACKWARD) on a CPU with a gradient wanted, through _MathBackward."""
-    if (q.dtype in MATH_BACKWARD and q.device.type == "cpu" and not dropout
-            and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        return _MathBackward.apply(q, k, v, mask, scale)
+    """SDPA on one block: in bf16 (PLAIN_ATTENTION) on a CPU through _MathBackward where a gradient
+    is wanted, through _plain where none is and the block has at most PLAIN_ROWS queries."""
+    if q.dtype in PLAIN_ATTENTION and q.device.type == "cpu" and not dropout:
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return _MathBackward.apply(q, k, v, mask, scale)
+        if q.shape[2] <= PLAIN_ROWS:
+            return _plain(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
 
 

@@ -424,7 +424,7 @@ class SoftPromptModel(nn.Module):
             else:
                 more["primer_blocks"] = blocked.plan(allowed, sorted(
                     {0, *(starts[k][j] for k, pack in enumerate(packs) for j, s in enumerate(pack) if s.prompt >= 0)}))
-        elif tokens.dtype in blocked.MATH_BACKWARD and tokens.requires_grad and self._cpu_sdpa():  # blocked.attend
+        elif tokens.dtype in blocked.PLAIN_ATTENTION and tokens.requires_grad and self._cpu_sdpa():  # blocked.attend
             blocked.install()
             more["primer_blocks"] = blocked.whole(allowed)
         last, rows = None, None  # the last layer's MLP, and the rows it runs where only some are read
