@@ -1,34 +1,30 @@
 """Does running a meta-batch's episodes in one forward pay? Seconds for one meta-batch's
 gradient with the episodes one at a time (the paper's loop) against all in one forward, one
-prompt copy each (upstream.batch_episodes), interleaved, median of 3 after 1 warm-up.
-SmolLM2-135M (fp32, or bf16 if asked), prompt 20, input cap 64, the paper's per-algorithm
-defaults, episodes from the k-shot splits (seed 100) of bench's four source tasks.
+prompt copy each (upstream.batch_episodes), interleaved, median of 3 after 1 warm-up, under the
+bench's allocator. The bench's model and source tasks (bench.__main__.setup: SmolLM2-135M, fp32
+unless asked, prompt 20, input cap 64), the paper's per-algorithm defaults, episodes from the
+k-shot splits (seed 100) of bench's four source tasks.
 
-  .venv/bin/python scripts/batch_episodes.py
-  .venv/bin/python scripts/batch_episodes.py bf16
+  .venv/bin/python scripts/batch_episodes.py [bf16] [bench options]
 """
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
-from bench.__main__ import SOURCES
-from core import backbones
-from core.algorithms.episodes import TaskEpisodes
-from core.algorithms.upstream import ALGORITHMS, UpstreamConfig
-from core.backbones.soft_prompt import SoftPromptModel
-from core.prompts import init_prompt
-from core.spec import TaskRef
-from core.tasks import get_split, load_task
+from bench.__main__ import parse, setup  # noqa: E402
+from bench.measure import fixed_allocator  # noqa: E402
+from core.algorithms.episodes import TaskEpisodes  # noqa: E402
+from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
 
-torch.manual_seed(0)
-dtype = backbones.DTYPES[sys.argv[1] if len(sys.argv) > 1 else "fp32"]
-backbone = backbones.freeze(backbones.load("smollm2-135m", dtype=dtype))
-model = SoftPromptModel(backbone, init_prompt(backbone, 20, "vocab", seed=0), max_input_tokens=64)
-episodes = TaskEpisodes({n: [get_split(load_task(TaskRef(name=n)), 100)] for n in SOURCES}, seed=0)
+fixed_allocator()
+args = sys.argv[1:]
+if args[:1] in (["fp32"], ["bf16"]):  # as before it took bench options
+    args = ["--dtype", *args]
+s = setup(parse(["--parts", "meta", *args]))
+model = s.model
+episodes = TaskEpisodes(s.sources, seed=0)
 prompt = model.prompt.detach()
 
 print("| algorithm | episodes | rows per forward, one at a time | one at a time (s) | batched (s) | speed-up |\n"
