@@ -110,6 +110,13 @@ def whole(allowed: torch.Tensor) -> Blocks:
     return Blocks(((0, allowed.shape[1]),))
 
 
+def _weights(qs, k, mask, S: int) -> torch.Tensor:
+    """The attention weights (B, KH, H / KH, S, K) of scaled queries `qs` (B, KH, H / KH * S, D):
+    a key head's query heads stacked as rows, so no copy of the keys per head."""
+    B, KH = qs.shape[:2]
+    return ((qs @ k.transpose(-1, -2)).view(B, KH, -1, S, k.shape[2]) + mask[:, :, None]).softmax(-1)
+
+
 class _MathBackward(torch.autograd.Function):
     """SDPA under an additive mask, no dropout: the flash kernel's forward, the backward in
     plain operators, the softmax recomputed from the saved inputs (as the flash kernel's own
@@ -129,26 +136,24 @@ class _MathBackward(torch.autograd.Function):
         q, k, v, mask = ctx.saved_tensors
         B, H, S, D = q.shape
         KH, K = k.shape[1], k.shape[2]
-        # A key head's query heads stacked as rows, (B, KH, H / KH * S, D): no copy of the keys per head.
         qs = (q * ctx.scale).reshape(B, KH, -1, D)
         g = grad.reshape(B, KH, -1, D)
-        p = ((qs @ k.transpose(-1, -2)).view(B, KH, -1, S, K) + mask[:, :, None]).softmax(-1)
+        p = _weights(qs, k, mask, S)
         ds = torch.ops.aten._softmax_backward_data((g @ v.transpose(-1, -2)).view(p.shape), p, -1, p.dtype)
         p, ds = p.view(B, KH, -1, K), ds.view(B, KH, -1, K)
         return (ds @ k).mul_(ctx.scale).view(B, H, S, D), ds.transpose(-1, -2) @ qs, p.transpose(-1, -2) @ g, None, None
 
 
 def _plain(q, k, v, mask, scale: float | None) -> torch.Tensor:
-    """SDPA under an additive mask in plain operators, for no gradient: as _MathBackward's
-    backward, a key head's query heads stacked as rows; the scores and their softmax in q's
-    precision (the flash kernel keeps the softmax in float32: in bf16 an output's error is about
-    twice the flash kernel's, the option scores ranking compares 1.03 times as far from
-    float32's)."""
+    """SDPA under an additive mask in plain operators, for no gradient: the weights as
+    _MathBackward's backward recomputes them (`_weights`), then the values. The scores and their
+    softmax in q's precision (the flash kernel keeps the softmax in float32: in bf16 an output's
+    error is about twice the flash kernel's, the option scores ranking compares 1.03 times as
+    far from float32's)."""
     B, H, S, D = q.shape
     KH, K = k.shape[1], k.shape[2]
-    scale = scale if scale is not None else D ** -0.5
-    scores = ((q * scale).reshape(B, KH, -1, D) @ k.transpose(-1, -2)).view(B, KH, -1, S, K).add_(mask[:, :, None])
-    return (scores.softmax(-1).view(B, KH, -1, K) @ v).view(B, H, S, D)
+    qs = (q * (scale if scale is not None else D ** -0.5)).reshape(B, KH, -1, D)
+    return (_weights(qs, k, mask, S).view(B, KH, -1, K) @ v).view(B, H, S, D)
 
 
 # The precisions whose CPU attention runs in plain operators: with a gradient wanted, the
