@@ -18,7 +18,7 @@ In bf16 on a CPU, where a gradient is wanted, each block (or the whole square, a
 times as long (docs/performance.md, "bf16 attention: the flash kernel forward, the backward in
 plain operators"). Where none is wanted (ranking's units) and a block's queries are few
 (`PLAIN_ROWS`), the whole attention runs in plain operators (`_plain`): there the flash
-kernel's bf16 forward takes 1.7-2.9 times as long ("Ranking's attention in bf16 in plain
+kernel's bf16 forward takes 1.7-3.5 times as long ("Ranking's attention in bf16 in plain
 operators").
 
 It is transformers' "sdpa" attention function, wrapped (`install`): a forward that passes
