@@ -140,6 +140,18 @@ class Timing:
     peak_of: str  # what counted it (PeakMemory.of)
 
 
+def median_seconds(fn: Callable, *args, runs: int = 7) -> float:
+    """The median seconds of `runs` calls of fn(*args), after one untimed: a single operation's
+    time, for the scripts that compare two ways of one (not a figure: see `measure`)."""
+    fn(*args)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def measure(works: list[Callable[[], int]], device: torch.device, warmup: int, repeats: int,
             names: list[str] | None = None, resident: bool = False) -> list[Timing]:
     """The implementations of one figure, timed in turn: each `work()` does a fixed amount of work

@@ -6,25 +6,17 @@ only the shapes and strides matter. Seconds, the median of 3 runs after one warm
 
   .venv/bin/python scripts/bf16_head.py [rows] [positions]
 """
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
+from bench.measure import median_seconds  # noqa: E402
 
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 32
 POSITIONS = int(sys.argv[2]) if len(sys.argv) > 2 else 60
 HEADS = {"smollm2-135m": (49152, 576), "gemma3-270m": (262144, 640)}
-
-
-def seconds(x: torch.Tensor, w: torch.Tensor) -> float:
-    torch.nn.functional.linear(x, w)
-    runs = []
-    for _ in range(3):
-        t = time.perf_counter()
-        torch.nn.functional.linear(x, w)
-        runs.append(time.perf_counter() - t)
-    return statistics.median(runs)
 
 
 print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {ROWS} rows of {POSITIONS} positions\n")
@@ -35,5 +27,5 @@ for name, (vocab, dim) in HEADS.items():
     h32 = torch.randn(ROWS, POSITIONS, dim)
     for dtype in (torch.bfloat16, torch.float32):
         w, h = w32.to(dtype), h32.to(dtype)
-        strided, dense = seconds(h[:, -1:, :], w), seconds(h[:, -1:, :].contiguous(), w)
+        strided, dense = (median_seconds(torch.nn.functional.linear, x, w, runs=3) for x in (h[:, -1:, :], h[:, -1:, :].contiguous()))
         print(f"| {name} | {vocab} × {dim} | {str(dtype)[6:]} | {strided:.4f} | {dense:.4f} | {strided / dense:.0f}× |", flush=True)

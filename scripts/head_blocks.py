@@ -7,16 +7,14 @@ under the bench's allocator.
 
   .venv/bin/python scripts/head_blocks.py [backbone] [fp32|bf16]
 """
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 from bench.__main__ import parse, setup  # noqa: E402
-from bench.measure import fixed_allocator  # noqa: E402
+from bench.measure import fixed_allocator, median_seconds as seconds  # noqa: E402
 
 fixed_allocator()
 backbone = sys.argv[1] if len(sys.argv) > 1 else "smollm2-135m"
@@ -40,16 +38,6 @@ def blocks(words):
         model.HEAD_WORDS = words
         return model._head_logprobs(h, tok, rows)
     return run
-
-
-def seconds(fn, *args):
-    fn(*args)
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 print(f"{backbone}, {dtype}: a head of {V:,} words x {d}\n")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
 from bench.__main__ import parse, setup  # noqa: E402
-from bench.measure import fixed_allocator  # noqa: E402
+from bench.measure import fixed_allocator, median_seconds as seconds  # noqa: E402
 from core.backbones import blocked  # noqa: E402
 
 fixed_allocator()
@@ -42,16 +42,6 @@ def rank(rows: int):
 def scores(rows: int) -> torch.Tensor:
     blocked.PLAIN_ROWS = rows
     return torch.cat(s.model.option_logliks([e.input for e in examples], options, relative=True, batch_size=32))
-
-
-def seconds(fn, *args) -> float:
-    fn(*args)
-    times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 print(f"{backbone}, bf16, {torch.get_num_threads()} threads")
