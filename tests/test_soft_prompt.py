@@ -203,8 +203,8 @@ def test_groups_packed_together_give_each_group_its_own_loss(tiny_dir, arch, pac
 def test_rows_sharing_a_template_run_it_once_per_pack(tiny_dir, arch):
     """The tokens the rows of a group begin with run once per pack, and the loss and the
     gradient are those of every row running its own: rows with other words after the template,
-    one that is the start of another, one without the template (as a row cut on the left to
-    max_input_tokens is), and the same input twice (all but its last token shared)."""
+    one that is the start of another, one without the template (another task's, say), and the
+    same input twice (all but its last token shared)."""
     from core.backbones import load
 
     backbone = load(str(tiny_dir[CAUSAL[arch]]), attn="sdpa")
@@ -235,6 +235,31 @@ def test_rows_sharing_a_template_run_it_once_per_pack(tiny_dir, arch):
             scores.append((torch.cat(model.option_logliks(inputs, [("positive", "negative")] * 3)), fed[0]))
     torch.testing.assert_close(scores[0][0], scores[1][0], atol=1e-5, rtol=1e-5)
     assert scores[0][1] == scores[1][1] - 2 * template
+
+
+@pytest.mark.parametrize("kind", ["causal", "gemma", "seq2seq"])
+def test_an_input_past_max_input_tokens_loses_its_middle_not_its_template_or_end(tiny_dir, kind):
+    """Past max_input_tokens an input keeps its first half (its template, the question and its
+    label words) and its last (the end of the text, then a causal LM's answer cue or a seq2seq
+    tokenizer's </s>); shorter ones are whole; rows so cut still share their template."""
+    from core.backbones import load
+    from core.backbones.soft_prompt import CAUSAL_ANSWER_CUE
+
+    backbone = load(str(tiny_dir[kind]), attn="sdpa")
+    whole = SoftPromptModel(backbone, init_prompt(backbone, 3, "random"), max_input_tokens=10**4)
+    n = 2 * len(whole._tokens(TEMPLATE, False)) + 2
+    model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random"), max_input_tokens=n)
+    texts = [TEMPLATE + "the film was " + " and ".join([word] * 30) + " at the end" for word in ("long", "slow")]
+    for text in texts:
+        full, ids = whole._tokens(text, False), model._tokens(text, False)
+        assert len(full) > n and ids == full[: n // 2] + full[len(full) - (n - n // 2):]
+        end = backbone.tokenizer(CAUSAL_ANSWER_CUE, add_special_tokens=False).input_ids if model.causal else [backbone.tokenizer.eos_token_id]
+        assert ids[-len(end):] == end
+    assert model._tokens(TEMPLATE + "awful", False) == whole._tokens(TEMPLATE + "awful", False)
+    if model.causal:
+        seqs = [model._tokens(t, False) for t in texts]
+        rows, shared = model._template(seqs, [len(x) - 1 for x in seqs])
+        assert rows == {0, 1} and shared >= len(whole._tokens(TEMPLATE, False)) - len(end)
 
 
 def test_packing_without_a_prompt_fine_tuning(tiny_dir):
@@ -316,7 +341,7 @@ def test_option_scores_equal_each_option_through_the_plain_forward(tiny_dir, arc
     model = SoftPromptModel(backbone, init, allow_empty=True)
     for name, value in OPTION_LAYOUTS[layout].items():
         setattr(model, name, value)
-    # the last one without the template, as an input cut on the left to max_input_tokens would be
+    # the last one without the template (another task's, say)
     inputs = [TEMPLATES[template] + t for t in ("the movie was good and great", "awful", "what color is the sky ?")] + ["hello"]
     options = [("positive", "negative"), ("a bad movie", "great", "the film"), ("blue",), ("friend", "you see")]
     with torch.no_grad():

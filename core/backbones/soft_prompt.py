@@ -103,6 +103,14 @@ def plan_packs(sizes: list[int], owner: list[int], prompt: int | dict[int, int],
     return [[(g, sorted(rows)) for g, rows in sorted(m.items(), key=lambda gr: order[gr[0]])] for m in members if m]
 
 
+def cut(ids: list[int], n: int) -> list[int]:
+    """An input's tokens, at most n: past n, its first half and its last, the middle dropped. The
+    first hold a task's template, which states the question and its label words ("Is this SMS
+    message spam or ham? Message:"); the last, the end of the text and what comes after it (a
+    causal LM's answer cue, a seq2seq tokenizer's </s>, CrossFit's options after the text)."""
+    return ids if len(ids) <= n else ids[: n // 2] + ids[len(ids) - (n - n // 2):]
+
+
 class SoftPromptModel(nn.Module):
     def __init__(self, backbone: Backbone, prompt: torch.Tensor, *, max_input_tokens: int = 256,
                  max_answer_tokens: int = 32, allow_empty: bool = False):
@@ -137,9 +145,10 @@ class SoftPromptModel(nn.Module):
         if self.causal:
             s = " " + text if answer else text + CAUSAL_ANSWER_CUE
             ids = tok(s, add_special_tokens=False).input_ids
-            return ids[: self.max_answer_tokens] + [tok.eos_token_id] if answer else ids[-self.max_input_tokens:]
-        # seq2seq tokenizers add </s> themselves
-        return tok(text, truncation=True, max_length=self.max_answer_tokens if answer else self.max_input_tokens).input_ids
+            return ids[: self.max_answer_tokens] + [tok.eos_token_id] if answer else cut(ids, self.max_input_tokens)
+        if answer:  # seq2seq tokenizers add </s> themselves
+            return tok(text, truncation=True, max_length=self.max_answer_tokens).input_ids
+        return cut(tok(text, verbose=False).input_ids, self.max_input_tokens)
 
     def encode(self, inputs: list[str], answers: list[str] | None) -> Batch:
         pad = self.backbone.tokenizer.pad_token_id
@@ -348,7 +357,7 @@ class SoftPromptModel(nn.Module):
     def _template(self, seqs: list[list[int]], keep: list[int]) -> tuple[set[int], int]:
         """The rows of `seqs` that share their first tokens, and how many (at most any of their
         `keep`): those that begin with the most common first token, as a task's template makes
-        them (an input cut on the left to max_input_tokens does not). (set(), 0) if under two."""
+        them (an input cut to max_input_tokens keeps its first half: `cut`). (set(), 0) if under two."""
         firsts = Counter(x[0] for x in seqs if x).most_common(1) if self.SHARE_PREFIX else []
         rows = [i for i, x in enumerate(seqs) if firsts and x and x[0] == firsts[0][0]]
         if len(rows) < 2:
