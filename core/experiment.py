@@ -124,6 +124,12 @@ def depends_on(spec: JobSpec, key: str) -> dict:
     return d
 
 
+def token_limits(spec: JobSpec) -> dict:
+    """The spec's limits on a row's tokens and its rule for cutting an input, as SoftPromptModel takes them."""
+    return dict(max_input_tokens=spec.max_input_tokens, max_answer_tokens=spec.max_answer_tokens,
+                truncation=spec.truncation)
+
+
 def digest(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -306,8 +312,7 @@ def prepare(spec: JobSpec, emit: Progress, load=None) -> Prepared:
     backbone = (load or backbones.load)(spec.backbone, device=settings().torch_device(), dtype=backbones.DTYPES[spec.precision])
     p = spec.prompt
     init = init_prompt(backbone, p.length, p.init, p.seed, text=p.text or "", path=p.path or "")
-    model = SoftPromptModel(backbone, init, max_input_tokens=spec.max_input_tokens,
-                            max_answer_tokens=spec.max_answer_tokens)
+    model = SoftPromptModel(backbone, init, **token_limits(spec))
     return Prepared(spec, targets, splits, sources, infos, backbone, init, model)
 
 
@@ -388,8 +393,7 @@ def run(spec: JobSpec, progress: Progress | None = None, checkpoints: Checkpoint
             if state is not None:
                 result = _load_task_result(state)
             elif method == "ft":
-                result = finetune(backbone, task, d.ft_lrs, splits[name], ft_cfg, relay,
-                                  max_input_tokens=spec.max_input_tokens, max_answer_tokens=spec.max_answer_tokens)
+                result = finetune(backbone, task, d.ft_lrs, splits[name], ft_cfg, relay, **token_limits(spec))
             else:
                 result = prompt_tune(model, task, inits[method], d.lrs, splits[name], cfg, relay)
             if state is None:
@@ -413,7 +417,7 @@ def run_cell(prep: Prepared, method: str, task: str, seed: int, lr: float, init:
     if method == "ft":
         result = finetune(prep.backbone, prep.targets[task], [lr], [split],
                           dataclasses.replace(cfg, optimizer=d.ft_optimizer), progress,
-                          max_input_tokens=spec.max_input_tokens, max_answer_tokens=spec.max_answer_tokens)
+                          **token_limits(spec))
         return result.runs[0]
     return train_prompt(prep.model, split, info, init, lr, cfg, progress, test=True)
 
@@ -463,8 +467,7 @@ def _select_sources(backbone, spec: JobSpec, sources, infos, targets, splits, em
     and keep the k candidates whose prompt subspaces are closest to the targets'."""
     sel: SourceSelection = spec.upstream.sources
     init = init_prompt(backbone, sel.prompt_length, "vocab", spec.prompt.seed)
-    model = SoftPromptModel(backbone, init, max_input_tokens=spec.max_input_tokens,
-                            max_answer_tokens=spec.max_answer_tokens)
+    model = SoftPromptModel(backbone, init, **token_limits(spec))
     cfg = TrainConfig(batch_size=spec.downstream.batch_size, max_steps=sel.steps, eval_every=sel.steps,
                       optimizer="adamw", weight_decay=0.0, seed=spec.prompt.seed)
     jobs = [(n, sources[n][0], infos[n]) for n in sources] + [(n, splits[n][0], t.info) for n, t in targets.items()]
@@ -528,7 +531,8 @@ def _pseudo_label(spec: JobSpec, pooled: list[Example], names: list[str], backbo
         template = pl.template or (PACKS[pl.train.name].template if pl.train.name in PACKS else "{text}")
         labels, confidence = classify(texts)
     else:
-        classifier = SoftPromptModel(backbone, load_prompt(pl.prompt)[0], max_input_tokens=spec.max_input_tokens)
+        classifier = SoftPromptModel(backbone, load_prompt(pl.prompt)[0], max_input_tokens=spec.max_input_tokens,
+                                     truncation=spec.truncation)
         options, template = tuple(pl.options), pl.template or "{text}"
         labels = classifier.rank([Example(template.replace("{text}", t), ("",)) for t in texts],
                                  [options] * len(texts), spec.downstream.eval_batch_size)

@@ -318,6 +318,9 @@ class JobSpec(Strict):
     downstream: DownstreamSpec = Field(default_factory=DownstreamSpec)
     max_input_tokens: Whole(8, MAX_TOKENS) = 256
     max_answer_tokens: Whole(1, MAX_TOKENS) = 32
+    # an input past max_input_tokens: "middle" drops its middle (its template and its end stay),
+    # "left" its start (primer's causal rule until 2026-12-07, which the committed studies ran)
+    truncation: Literal["middle", "left"] = "middle"
     # the frozen backbone's weights and activations; the prompt and the optimizer stay float32
     precision: Literal["fp32", "bf16"] = "fp32"
     sweep: SweepSpec | None = None

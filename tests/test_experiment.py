@@ -283,6 +283,7 @@ KEYS = ["upstream/maml", "upstream/fomaml", "downstream/pt/color", "downstream/m
     ("downstream.lrs", [0.1], ["downstream/pt/color", "downstream/maml/color", "downstream/fomaml/color"]),
     ("downstream.ft_lrs", [1e-3], ["downstream/ft/color"]),
     ("max_input_tokens", 64, KEYS[:-1]),
+    ("truncation", "left", KEYS[:-1]),
     ("prompt.length", 4, KEYS[:-1]),
 ])
 def test_a_checkpoint_goes_stale_exactly_when_what_it_depends_on_changes(spec_fields, tmp_path, path, value, stale):
@@ -397,6 +398,15 @@ def test_the_finetuning_baseline_trains_its_own_copy_and_is_reported(spec_fields
         assert losses[-1] < losses[0]  # the weights really trained
     assert set(results.arg()) == {"fomaml", "ft"}
     assert fingerprint(backbones.load(spec.backbone).model) == before  # the saved backbone untouched
+
+
+@pytest.mark.parametrize("truncation", ["middle", "left"])
+def test_the_specs_token_limits_and_truncation_reach_the_model(spec_fields, truncation):
+    from core.experiment import prepare
+
+    spec = parse_spec({**spec_fields, "max_input_tokens": 9, "max_answer_tokens": 3, "truncation": truncation})
+    model = prepare(spec, lambda e: None).model
+    assert (model.max_input_tokens, model.max_answer_tokens, model.truncation) == (9, 3, truncation)
 
 
 def test_a_bf16_backbone_trains_float32_prompts_and_a_float32_finetuning_copy(spec_fields):

@@ -248,6 +248,7 @@ SPECS = [  # (body: a dict, or raw bytes; loc; what the refusal says)
     ({**SPEC, "prompt": {"length": 10**9}}, ["prompt", "length"], "less than or equal to 512"),
     ({**SPEC, "prompt": {"seed": 1e308}}, ["prompt", "seed"], "whole number from 0 to 2147483647"),
     ({**SPEC, "max_input_tokens": 10**9}, ["max_input_tokens"], "less than or equal to 65536"),
+    ({**SPEC, "truncation": "right"}, ["truncation"], "Input should be 'middle' or 'left'"),
     ({**SPEC, "upstream": {"sources": ["trec_coarse"], "steps": 10**12}}, ["upstream", "steps"],
      "less than or equal to 1000000"),
     ({**SPEC, "upstream": {"sources": ["trec_coarse"], "inner_lr": 1e308}}, ["upstream", "inner_lr"],

@@ -241,7 +241,8 @@ def test_rows_sharing_a_template_run_it_once_per_pack(tiny_dir, arch):
 def test_an_input_past_max_input_tokens_loses_its_middle_not_its_template_or_end(tiny_dir, kind):
     """Past max_input_tokens an input keeps its first half (its template, the question and its
     label words) and its last (the end of the text, then a causal LM's answer cue or a seq2seq
-    tokenizer's </s>); shorter ones are whole; rows so cut still share their template."""
+    tokenizer's </s>); shorter ones are whole; rows so cut still share their template. With
+    truncation "left" it keeps its last max_input_tokens (primer's causal rule before)."""
     from core.backbones import load
     from core.backbones.soft_prompt import CAUSAL_ANSWER_CUE
 
@@ -249,12 +250,13 @@ def test_an_input_past_max_input_tokens_loses_its_middle_not_its_template_or_end
     whole = SoftPromptModel(backbone, init_prompt(backbone, 3, "random"), max_input_tokens=10**4)
     n = 2 * len(whole._tokens(TEMPLATE, False)) + 2
     model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random"), max_input_tokens=n)
+    left = SoftPromptModel(backbone, init_prompt(backbone, 3, "random"), max_input_tokens=n, truncation="left")
     texts = [TEMPLATE + "the film was " + " and ".join([word] * 30) + " at the end" for word in ("long", "slow")]
     for text in texts:
         full, ids = whole._tokens(text, False), model._tokens(text, False)
         assert len(full) > n and ids == full[: n // 2] + full[len(full) - (n - n // 2):]
         end = backbone.tokenizer(CAUSAL_ANSWER_CUE, add_special_tokens=False).input_ids if model.causal else [backbone.tokenizer.eos_token_id]
-        assert ids[-len(end):] == end
+        assert ids[-len(end):] == end and left._tokens(text, False) == full[-n:]
     assert model._tokens(TEMPLATE + "awful", False) == whole._tokens(TEMPLATE + "awful", False)
     if model.causal:
         seqs = [model._tokens(t, False) for t in texts]

@@ -103,17 +103,20 @@ def plan_packs(sizes: list[int], owner: list[int], prompt: int | dict[int, int],
     return [[(g, sorted(rows)) for g, rows in sorted(m.items(), key=lambda gr: order[gr[0]])] for m in members if m]
 
 
-def cut(ids: list[int], n: int) -> list[int]:
-    """An input's tokens, at most n: past n, its first half and its last, the middle dropped. The
-    first hold a task's template, which states the question and its label words ("Is this SMS
-    message spam or ham? Message:"); the last, the end of the text and what comes after it (a
-    causal LM's answer cue, a seq2seq tokenizer's </s>, CrossFit's options after the text)."""
-    return ids if len(ids) <= n else ids[: n // 2] + ids[len(ids) - (n - n // 2):]
+def cut(ids: list[int], n: int, truncation: str = "middle") -> list[int]:
+    """An input's tokens, at most n. Past n, "middle": its first half and its last, the middle
+    dropped. The first hold a task's template, which states the question and its label words ("Is
+    this SMS message spam or ham? Message:"); the last, the end of the text and what comes after
+    it (a causal LM's answer cue, a seq2seq tokenizer's </s>, CrossFit's options after the text).
+    "left": its last n, the start dropped, template and all."""
+    if len(ids) <= n:
+        return ids
+    return ids[: n // 2] + ids[len(ids) - (n - n // 2):] if truncation == "middle" else ids[len(ids) - n:]
 
 
 class SoftPromptModel(nn.Module):
     def __init__(self, backbone: Backbone, prompt: torch.Tensor, *, max_input_tokens: int = 256,
-                 max_answer_tokens: int = 32, allow_empty: bool = False):
+                 max_answer_tokens: int = 32, truncation: str = "middle", allow_empty: bool = False):
         super().__init__()
         if not (allow_empty and prompt.shape[0] == 0):  # empty: the fine-tuning baseline
             check_prompt_length(prompt.shape[0] if prompt.dim() == 2 else 0)
@@ -124,6 +127,7 @@ class SoftPromptModel(nn.Module):
         self.prompt = nn.Parameter(prompt.detach().clone().to(backbone.device, torch.float32))
         self.max_input_tokens = max_input_tokens
         self.max_answer_tokens = max_answer_tokens
+        self.truncation = truncation  # of an input past max_input_tokens: `cut`
         self._tok_cache: dict[tuple[str, bool], list[int]] = {}
         self._tok_lock = threading.Lock()
 
@@ -145,10 +149,10 @@ class SoftPromptModel(nn.Module):
         if self.causal:
             s = " " + text if answer else text + CAUSAL_ANSWER_CUE
             ids = tok(s, add_special_tokens=False).input_ids
-            return ids[: self.max_answer_tokens] + [tok.eos_token_id] if answer else cut(ids, self.max_input_tokens)
+            return ids[: self.max_answer_tokens] + [tok.eos_token_id] if answer else cut(ids, self.max_input_tokens, self.truncation)
         if answer:  # seq2seq tokenizers add </s> themselves
             return tok(text, truncation=True, max_length=self.max_answer_tokens).input_ids
-        return cut(tok(text, verbose=False).input_ids, self.max_input_tokens)
+        return cut(tok(text, verbose=False).input_ids, self.max_input_tokens, self.truncation)
 
     def encode(self, inputs: list[str], answers: list[str] | None) -> Batch:
         pad = self.backbone.tokenizer.pad_token_id
