@@ -686,22 +686,22 @@ def test_attention_in_plain_operators_gives_sdpas_output():
 @pytest.mark.parametrize("arch", CAUSAL)
 def test_bf16_ranking_attention_runs_in_plain_operators(tiny_dir, monkeypatch, arch):
     """In bf16 on a CPU, ranking's attention (no gradient, units of few rows) goes through
-    blocked._plain in every layer, and its scores are SDPA's up to bf16's rounding; past
-    PLAIN_ROWS, and in float32, it does not go there. Taken in float64, the scores are SDPA's.
+    blocked._plain in every layer, and its scores are SDPA's up to bf16's rounding; where a
+    block's scores take more than PLAIN_BYTES, and in float32, it does not go there. Taken in float64, the scores are SDPA's.
     In bf16, they are about as far from those as SDPA's own bf16 scores (at most 1.5 times)."""
     from core.backbones import blocked, load
 
     calls = []
     plain = blocked._plain
-    monkeypatch.setattr(blocked, "_plain", lambda *a: calls.append(a[0].shape) or plain(*a))
+    monkeypatch.setattr(blocked, "_plain", lambda *a: calls.append(a[0].shape[:3].numel() * a[1].shape[2] * 2) or plain(*a))
     layers = load(str(tiny_dir[CAUSAL[arch]])).model.config.num_hidden_layers
     inputs, options = [e.input for e in TRAIN], [SENTIMENT.options] * len(TRAIN)
 
-    def scores(dtype: torch.dtype, dtypes: tuple, rows: int = blocked.PLAIN_ROWS) -> torch.Tensor:
+    def scores(dtype: torch.dtype, dtypes: tuple, limit: int = blocked.PLAIN_BYTES) -> torch.Tensor:
         backbone = load(str(tiny_dir[CAUSAL[arch]]), attn="sdpa", dtype=dtype)
         model = SoftPromptModel(backbone, init_prompt(backbone, 3, "random", seed=4))
         monkeypatch.setattr(blocked, "PLAIN_ATTENTION", dtypes)
-        monkeypatch.setattr(blocked, "PLAIN_ROWS", rows)
+        monkeypatch.setattr(blocked, "PLAIN_BYTES", limit)
         calls.clear()
         with torch.no_grad():
             return torch.cat(model.option_logliks(inputs, options, relative=True)).double()
@@ -717,7 +717,10 @@ def test_bf16_ranking_attention_runs_in_plain_operators(tiny_dir, monkeypatch, a
     assert len(calls) == layers
     error = lambda x: (x - exact).abs().mean().item()  # noqa: E731
     assert 0 < error(ours) < 1.5 * error(theirs)  # rounded differently, not other scores
-    scores(torch.bfloat16, (torch.bfloat16,), rows=1)
+    largest = max(calls)  # a block's scores in bytes: every layer's the same
+    scores(torch.bfloat16, (torch.bfloat16,), limit=largest)
+    assert len(calls) == layers
+    scores(torch.bfloat16, (torch.bfloat16,), limit=largest - 1)
     assert calls == []
     scores(torch.float32, (torch.bfloat16,))
     assert calls == []

@@ -16,9 +16,9 @@ In bf16 on a CPU, where a gradient is wanted, each block (or the whole square, a
 `whole`) runs SDPA's flash kernel forward and its backward in plain operators
 (`_MathBackward`): the flash kernel's forward and its own bf16 backward on a CPU take 1.6-2.8
 times as long (docs/performance.md, "bf16 attention: the flash kernel forward, the backward in
-plain operators"). Where none is wanted (ranking's units) and a block's queries are few
-(`PLAIN_ROWS`), the whole attention runs in plain operators (`_plain`): there the flash
-kernel's bf16 forward takes 1.7-3.5 times as long ("Ranking's attention in bf16 in plain
+plain operators"). Where none is wanted (ranking's units) and a block's scores are small
+(`PLAIN_BYTES`), the whole attention runs in plain operators (`_plain`): there the flash
+kernel's bf16 forward takes 1.3-3.5 times as long ("Ranking's attention in bf16 in plain
 operators").
 
 It is transformers' "sdpa" attention function, wrapped (`install`): a forward that passes
@@ -157,19 +157,24 @@ def _plain(q, k, v, mask, scale: float | None) -> torch.Tensor:
 
 
 # The precisions whose CPU attention runs in plain operators: with a gradient wanted, the
-# backward (_MathBackward); without one, over at most PLAIN_ROWS queries a block, all of it
-# (_plain). bf16, whose flash kernel is slow both ways on a CPU; () for SDPA alone (for comparison).
+# backward (_MathBackward); without one, where a block's scores (units x heads x queries x keys)
+# take at most PLAIN_BYTES, all of it (_plain). bf16, whose flash kernel is slow both ways on a
+# CPU; () for SDPA alone (for comparison).
 PLAIN_ATTENTION = (torch.bfloat16,)
-PLAIN_ROWS = 128  # past it the plain forward's lead narrows (none at 256 rows) as the scores' memory grows
+# With SmolLM2-135M's heads and Gemma-3-270M's, 1 to 32 units of 128 to 512 rows, the plain
+# forward led the flash kernel 1.26-2.28x up to 16 MiB of scores, and from 34 MiB on mostly
+# trailed (0.65-0.85x, once 1.31x); between, where it turns (1.07x at 19.5 MiB), it moved with
+# the heads (scripts/plain_attention.py [backbone] sizes; an EPYC, 2 cores).
+PLAIN_BYTES = 16 * 2**20
 
 
 def attend(q, k, v, mask, dropout: float, scale: float | None, gqa: bool) -> torch.Tensor:
     """SDPA on one block: in bf16 (PLAIN_ATTENTION) on a CPU through _MathBackward where a gradient
-    is wanted, through _plain where none is and the block has at most PLAIN_ROWS queries."""
+    is wanted, through _plain where none is and the block's scores take at most PLAIN_BYTES."""
     if q.dtype in PLAIN_ATTENTION and q.device.type == "cpu" and not dropout:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return _MathBackward.apply(q, k, v, mask, scale)
-        if q.shape[2] <= PLAIN_ROWS:
+        if q.shape[:3].numel() * k.shape[2] * q.element_size() <= PLAIN_BYTES:
             return _plain(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
 
