@@ -12,8 +12,10 @@ import hashlib
 import json
 import math
 import random
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -222,6 +224,7 @@ class Results:
             "name": self.spec.name,
             "backbone": self.spec.backbone,
             "spec": self.spec.model_dump(),
+            "code": code_version(),
             "seconds": round(self.seconds, 1),
             "methods": self.methods,
             "diverged": self.diverged,
@@ -237,6 +240,27 @@ class Results:
             "clusters": self.clusters.summary if self.clusters else None,
             "pseudo_labels": self.clusters.pseudo if self.clusters else None,
         }
+
+
+@lru_cache(maxsize=1)
+def code_version() -> dict:
+    """What computed a result: primer's version and, run from a git checkout, its commit and
+    whether tracked files differ from it (None where there is no checkout or no git)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("primer")
+    except PackageNotFoundError:
+        release = None
+    root, commit, modified = Path(__file__).resolve().parent.parent, None, None
+    if (root / ".git").exists():
+        git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=10, check=True).stdout.strip()
+        try:
+            commit, modified = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return {"version": release, "commit": commit, "modified": modified}
 
 
 def _finite(value: float | None) -> bool:

@@ -1,6 +1,9 @@
 """A whole experiment on a tiny backbone: upstream methods, the downstream grid, ARG, resume."""
+import importlib.metadata
 import json
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +74,12 @@ def test_cls_to_cls_experiment_reports_gains_and_arg_for_every_method(spec_field
         assert vs["difference"] == pytest.approx(results["arg"][m] - results["arg"]["mtl"])
         assert vs["ci95"][0] <= vs["ci95"][1]
     assert "mtl" not in results["vs_mtl"]
+    # what computed it: this checkout's commit where there is one (CI's clean clone), else none
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    code = results["code"]
+    assert code["version"] == importlib.metadata.version("primer")
+    assert code["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert isinstance(code["modified"], bool) == (code["commit"] is not None)
     report = (out / "results.md").read_text()
     assert "## ARG over plain prompt tuning" in report and "| maml |" in report
     assert "## Against multi-task learning on the same sources" in report
