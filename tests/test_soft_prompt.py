@@ -687,8 +687,9 @@ def test_attention_in_plain_operators_gives_sdpas_output():
 def test_bf16_ranking_attention_runs_in_plain_operators(tiny_dir, monkeypatch, arch):
     """In bf16 on a CPU, ranking's attention (no gradient, units of few rows) goes through
     blocked._plain in every layer, and its scores are SDPA's up to bf16's rounding; where a
-    block's scores take more than PLAIN_BYTES, and in float32, it does not go there. Taken in float64, the scores are SDPA's.
-    In bf16, they are about as far from those as SDPA's own bf16 scores (at most 1.5 times)."""
+    block's scores take more than PLAIN_BYTES, and in float32, it does not go there. Taken in
+    float64, the scores are SDPA's. In bf16, they are about as far from those as SDPA's own bf16
+    scores (at most 1.5 times)."""
     from core.backbones import blocked, load
 
     calls = []
