@@ -263,6 +263,12 @@ def code_version() -> dict:
     return {"version": release, "commit": commit, "modified": modified}
 
 
+# Read once, as this module loads (with the rest of the code that learns): a run of hours, or a
+# worker process waiting for its first job, records the checkout its code came from, not the one
+# there when its first result is written.
+code_version()
+
+
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 

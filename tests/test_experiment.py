@@ -3,6 +3,7 @@ import importlib.metadata
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,18 @@ def test_cls_to_cls_experiment_reports_gains_and_arg_for_every_method(spec_field
     assert (out / "relative_gain.png").stat().st_size > 0 and (out / "upstream_loss.png").stat().st_size > 0
     for m in methods:  # the learned initializations themselves, as safetensors
         assert (out / "prompts" / f"init.{m}.safetensors").exists()
+
+
+def test_the_code_version_is_read_as_the_module_loads():
+    """A long run records the checkout its code was loaded from: git is asked at import, and
+    not again when a result is written (a checkout moved meanwhile would be recorded instead)."""
+    probe = ("import subprocess, core.experiment as e\n"
+             "def gone(*a, **k): raise OSError('git asked after import')\n"
+             "subprocess.run = gone\n"
+             "print(e.code_version.cache_info().currsize, e.code_version()['version'] is not None)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent, check=True)
+    assert out.stdout.split() == ["1", "True"]
 
 
 def test_every_method_learns_a_different_initialization(spec_fields):
