@@ -10,6 +10,7 @@ memory is the live tensors' (bench/measure.py), on a CPU as on a GPU.
   python -m bench --dtype bf16 --reference-dtype fp32   # primer in bf16, the others as their authors run them
   python -m bench --parts meta --batch-episodes   # primer's meta-batch in one forward pass
   python -m bench --own-prefix            # primer as before it ran a task's template once per pack
+  python -m bench --max-input-tokens 256 --sources bbc_news_topic --target bbc_news_topic   # longer inputs
   python -m bench --parts api             # the service: requests/s and latency, queueing delay
   python -m bench --smoke --backbone DIR  # CI: every code path once at tiny size, nothing timed
 """
@@ -62,7 +63,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the reference implementations' precision, if not --dtype (primer in bf16 against "
                         "the paper's loop and PEFT as their authors run them, in fp32)")
     p.add_argument("--prompt-length", type=at_least(1, most=MAX_PROMPT_TOKENS), default=20)
-    p.add_argument("--max-input-tokens", type=at_least(8), default=64)
+    p.add_argument("--max-input-tokens", type=at_least(8), default=64,
+                   help="both sides' cap on an input's tokens (cut in the middle, primer's default); the "
+                        "paper's loop pads every row to the longest capped input plus the longest answer")
+    p.add_argument("--sources", default=",".join(SOURCES),
+                   help="comma-separated built pack tasks the meta-training episodes are drawn from")
+    p.add_argument("--target", default=TARGET, help="a built classification pack task: prompt tuning's "
+                                                    "and evaluation's data")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="prompt tuning's batch")
     p.add_argument("--inner-lr", type=at_least(0, float), default=3e-5)
     p.add_argument("--batch-episodes", nargs="?", const="on", default="auto", choices=list(SETTING),
@@ -108,6 +115,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
         if args.device == "cuda" and not torch.cuda.is_available():
             p.error(f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine")
+    if {"meta", "pt", "eval"} & set(args.parts.split(",")) and not args.smoke:  # the data, before any figure starts
+        from core.fetch import FetchError
+        from core.tasks import TaskError, load_task
+
+        for option, names in (("--sources", args.sources.split(",")), ("--target", [args.target])):
+            for name in names:
+                try:
+                    task = load_task(_ref(name))
+                except (TaskError, FetchError) as e:
+                    p.error(f"{option} {name}: {e}")
+                if option == "--target" and not task.info.options:
+                    p.error(f"--target {name}: {task.info.type} has no answer options to rank; "
+                            "accepted: a classification task")
     return args
 
 
@@ -145,8 +165,8 @@ def setup(args):
         target = Split(synthetic(32, 7), [], synthetic(16, 8), 100, 16)
         options = ("negative", "positive")
     else:
-        sources = {n: [get_split(load_task(_ref(n)), 100)] for n in SOURCES}
-        task = load_task(_ref(TARGET))
+        sources = {n: [get_split(load_task(_ref(n)), 100)] for n in args.sources.split(",")}
+        task = load_task(_ref(args.target))
         target, options = get_split(task, 100), tuple(task.info.options)
     examples = [e for splits in sources.values() for s in splits for e in s.train + s.dev] + target.train + target.test
     answer = max(len(model._tokens(e.output, True)) for e in examples)
@@ -173,7 +193,10 @@ def machine(args) -> dict:
     info = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "device": args.device, "backbone": args.backbone, "dtype": args.dtype,
             "reference_dtype": args.reference_dtype or args.dtype, "batch_episodes": SETTING[args.batch_episodes],
-            "parallel_episodes": SETTING[args.parallel_episodes], "share_prefix": not args.own_prefix}
+            "parallel_episodes": SETTING[args.parallel_episodes], "share_prefix": not args.own_prefix,
+            "prompt_length": args.prompt_length, "max_input_tokens": args.max_input_tokens}
+    if not args.smoke:
+        info.update(sources=args.sources.split(","), target=args.target)
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -11,7 +11,8 @@ bench's evaluation: primer's rank classification of 128 test examples against PE
 `generate` on them (batches of 32; the vocabulary-initialised prompt, where the bench tunes it
 for 30 steps first, which changes only how many tokens `generate` may stop early at).
 
-  .venv/bin/python scripts/flops.py [prompt length] [meta,eval] [backbone]
+  .venv/bin/python scripts/flops.py [prompt length] [meta,eval] [backbone] [bench options]
+  .venv/bin/python scripts/flops.py 20 meta,eval smollm2-135m --max-input-tokens 256 --sources bbc_news_topic --target bbc_news_topic
 """
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from core.algorithms.upstream import ALGORITHMS, UpstreamConfig  # noqa: E402
 length = sys.argv[1] if len(sys.argv) > 1 else "20"
 parts = (sys.argv[2] if len(sys.argv) > 2 else "meta,eval").split(",")
 backbone = sys.argv[3] if len(sys.argv) > 3 else "smollm2-135m"
-s = setup(parse(["--parts", "meta", "--prompt-length", length, "--backbone", backbone]))
+s = setup(parse(["--parts", "meta", "--prompt-length", length, "--backbone", backbone, *sys.argv[4:]]))
 init = s.model.prompt.detach().clone()
 loss = reference.PaperLoss(s.ref, s.static_length)
 

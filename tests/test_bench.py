@@ -165,6 +165,14 @@ def test_a_bad_option_is_refused_before_any_figure_runs_naming_what_is_accepted(
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option, value", [("--sources", "no_such_task,sms_spam"), ("--target", "no_such_task")])
+def test_an_unknown_task_is_refused_naming_the_option_and_the_task(option, value, tiny_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(["--backbone", str(tiny_dir["causal"]), "--parts", "meta,pt", option, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{option} no_such_task: unknown task 'no_such_task'" in err
+
+
 def test_cuda_asked_for_where_there_is_none_is_refused(capsys, monkeypatch):
     import torch
 
